@@ -1,0 +1,1 @@
+"""Analysis of collected gradients, projections and GQC runs (statistics, similarity, plots)."""

@@ -1,0 +1,1 @@
+"""Trainer callbacks: throughput/memory logging, per-sample gradient collection, projection."""
