@@ -1,0 +1,158 @@
+"""Public one-call API: per-sample gradients, their norms, and gradient similarity.
+
+Each call runs ONE forward + backward of ``model`` on the batch with the capture engine armed and every
+parameter temporarily frozen, so the model's ordinary ``.grad`` buffers are never touched. The loss is
+computed here, per sample, in at least float32: ``L_i`` = mean cross-entropy over sample ``i``'s targets
+with ``labels != -100`` (shifted by one for causal LMs, as HF does); padding contributes nothing. The
+model's current train/eval mode is kept (call ``model.eval()`` to switch dropout off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from hf_gradext.errors import UserFacingError
+from hf_gradext.grad.capture import CaptureEngine
+from hf_gradext.grad.factors import Contribution, Materialized, dots, materialize_sum, sq_norms
+from hf_gradext.grad.loss_scaling import IGNORE_INDEX, LossScale, shifts_labels
+from hf_gradext.grad.sparse import SparseRowGrad
+
+PerSampleLoss = Callable[[Any, Mapping[str, Any]], Tensor]
+
+
+def token_mean_losses(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
+    """``(B,)`` per-sample mean token cross-entropy over ``labels != -100`` (0 for samples with none).
+
+    Args:
+        logits: ``(B, T, V)``.
+        labels: ``(B, T)``; with ``shift`` the logit at ``t`` predicts ``labels[t + 1]``.
+        shift: causal-LM shift.
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # as HF upcasts
+    tok = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(labels.shape)  # (B, T)
+    n = labels.ne(IGNORE_INDEX).sum(1).to(tok.device)  # (B,)
+    return tok.sum(1) / n.clamp_min(1)
+
+
+def _capture(
+    model: nn.Module, batch: Mapping[str, Any], layers: str, unsupported: str, loss_fn: PerSampleLoss | None
+) -> CaptureEngine:
+    if "labels" not in batch and loss_fn is None:
+        raise UserFacingError("per-sample gradients need 'labels' in the batch (or a loss_fn)")
+    engine = CaptureEngine(model, layers, keep=True, weight_grads=False, unsupported=unsupported)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    ids = batch.get("input_ids", batch.get("inputs_embeds"))
+    batch_size = int(ids.shape[0]) if ids is not None else int(batch["labels"].shape[0])
+    try:
+        with engine.capture(LossScale.identity(batch_size, batch.get("attention_mask"))):
+            outputs = model(**inputs)
+            if loss_fn is not None:
+                losses = loss_fn(outputs, batch)
+            else:
+                logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+                losses = token_mean_losses(logits, batch["labels"], shifts_labels(model))
+            if losses.shape != (batch_size,):
+                raise UserFacingError(f"loss_fn must return one loss per sample, shape ({batch_size},)")
+            losses.sum().backward()  # gradient of sum_i L_i: no rescaling needed
+    finally:
+        engine.remove()
+    return engine
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    layers: str = "all",
+    dtype: torch.dtype = torch.float32,
+    *,
+    unsupported: str = "error",
+    loss_fn: PerSampleLoss | None = None,
+) -> dict[str, Tensor | SparseRowGrad]:
+    """Exact per-sample gradients of each sample's own mean token loss.
+
+    Args:
+        model: a HF model (or any module returning ``logits``), possibly peft/DDP-wrapped.
+        batch: ``input_ids``, ``labels`` (``-100`` = ignored), optional ``attention_mask``...
+        layers: module selection (``all``, ``attn``, ``mlp``, ``embed``, ``norm``, ``lora``, regexes, commas).
+        dtype: dtype of the math and of the results.
+        unsupported: ``"error"`` or ``"torch.func"`` for trainable modules without registered math.
+        loss_fn: optional ``fn(outputs, batch) -> (B,)`` per-sample losses replacing the token mean.
+
+    Returns:
+        ``{parameter name: (B, *param.shape)}``; embedding tables a :class:`SparseRowGrad` (``.to_dense()``)
+        unless tied to a dense contribution (GPT-2 ``wte`` + ``lm_head``: dense sum of both).
+    """
+    engine = _capture(model, batch, layers, unsupported, loss_fn)
+    out: dict[str, Materialized] = {}
+    for name, cs in engine.contributions(dtype).items():
+        m = materialize_sum(cs)
+        out[name] = m.to(dtype) if isinstance(m, Tensor) else m
+    return out
+
+
+def _contribs(model, batch, layers, unsupported, loss_fn) -> dict[str, list[Contribution]]:
+    engine = _capture(model, batch, layers, unsupported, loss_fn)
+    contribs = engine.contributions()
+    return contribs
+
+
+def per_sample_grad_norms(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    layers: str = "all",
+    *,
+    per_layer: bool = False,
+    unsupported: str = "error",
+    loss_fn: PerSampleLoss | None = None,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """``(B,)`` L2 norms of the per-sample gradients over the selected parameters, without materializing
+    them where the ghost identity is cheaper (``2 T^2 < d_in d_out``).
+
+    With ``per_layer=True`` also returns ``{parameter name: (B,) norm}`` (squares sum to the total).
+    """
+    contribs = _contribs(model, batch, layers, unsupported, loss_fn)
+    per = {name: sq_norms(cs).clamp_min(0) for name, cs in contribs.items()}
+    total = torch.stack(list(per.values())).sum(0).sqrt()
+    if per_layer:
+        return total, {name: sq.sqrt() for name, sq in per.items()}
+    return total
+
+
+def gradient_similarity(
+    model: nn.Module,
+    batch_a: Mapping[str, Any],
+    batch_b: Mapping[str, Any] | None = None,
+    layers: str = "all",
+    kind: str = "cosine",
+    *,
+    unsupported: str = "error",
+    loss_fn: PerSampleLoss | None = None,
+) -> Tensor:
+    """``(Na, Nb)`` similarity between per-sample gradients of two batches (``batch_b=None``: a vs a).
+
+    ``kind="dot"``: inner products; ``"cosine"``: divided by both norms (0 where a norm is 0).
+    """
+    if kind not in ("cosine", "dot"):
+        raise UserFacingError(f"gradient_similarity kind={kind!r}: use 'cosine' or 'dot'")
+    ca = _contribs(model, batch_a, layers, unsupported, loss_fn)
+    cb = ca if batch_b is None else _contribs(model, batch_b, layers, unsupported, loss_fn)
+    sim = sum(dots(ca[name], cb[name]) for name in ca if name in cb)
+    assert isinstance(sim, Tensor)
+    if kind == "dot":
+        return sim
+    na = sum(sq_norms(cs) for cs in ca.values()).clamp_min(0).sqrt()  # (Na,)
+    nb = na if batch_b is None else sum(sq_norms(cs) for cs in cb.values()).clamp_min(0).sqrt()
+    denom = na[:, None] * nb[None, :]
+    return torch.where(denom > 0, sim / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(sim))

@@ -1,0 +1,28 @@
+"""HF GPT-2 ``Conv1D`` (weight stored ``[in, out]``): ``G_i = sum_t a_it g_it^T``, bias ``sum_t g_it``.
+
+Registered by class name so this file never imports transformers.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from hf_gradext.grad.factors import Contribution, Outer
+from hf_gradext.grad.registry import register_layer_math
+
+
+@register_layer_math("Conv1D", family="linear", autocast_input=True)
+def conv1d_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+    """Per-sample contributions of an HF ``Conv1D``.
+
+    Args:
+        module: the layer; ``module.weight`` is ``[d_in, d_out]``.
+        a: ``(B, T, d_in)`` layer input.
+        g: ``(B, T, d_out)`` gradient w.r.t. the layer output.
+    """
+    out: dict[str, Contribution] = {}
+    if module.weight.requires_grad:
+        out["weight"] = Outer(u=a, v=g, m=a.shape[-1])  # [in, out] = sum_t a (x) g
+    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
+        out["bias"] = Outer(u=g, v=None, m=g.shape[-1])
+    return out
