@@ -73,9 +73,52 @@ class GradExtTrainer(Trainer):
         return loss
 
     # ------------------------------------------------------------------ GQC
+    # With --gqc none none of these change anything: each one falls through to HF's method.
+    # The logic lives in hf_gradext.gqc.run (sizes, checkpoint state, logs) and .loop (the epoch).
+    @property
+    def _gqc_on(self) -> bool:
+        return getattr(self.args, "gqc", "none") not in (None, "none")
+
     def _run_epoch(self, *args: Any, **kwargs: Any):
-        if getattr(self.args, "gqc", "none") not in (None, "none"):
+        if self._gqc_on:
             from hf_gradext.gqc.loop import run_gqc_epoch
 
             return run_gqc_epoch(self, *args, **kwargs)
         return super()._run_epoch(*args, **kwargs)
+
+    def set_initial_training_values(self, args, dataloader):
+        if self._gqc_on:
+            from hf_gradext.gqc.run import initial_training_values
+
+            return initial_training_values(self, args, dataloader)
+        return super().set_initial_training_values(args, dataloader)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume, trial):
+        out = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume, trial
+        )
+        if self._gqc_on:
+            from hf_gradext.gqc.run import restore_position
+
+            return restore_position(self, resume)  # data position from gqc_state.json, not global_step
+        return out
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        run = getattr(self, "_gqc_run", None)
+        if self._gqc_on and run is not None:
+            num_training_steps = run.horizon  # LR horizon in microbatches of data, not optimizer steps
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self._gqc_on:
+            from hf_gradext.gqc.run import save_state
+
+            save_state(self, trial)
+        super()._save_checkpoint(model, trial)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._gqc_on:
+            from hf_gradext.gqc.run import decorate_logs
+
+            decorate_logs(self, logs)
+        super().log(logs, *args, **kwargs)

@@ -1,9 +1,166 @@
-"""GQC (adaptive gradient accumulation) flags. Owned by the GQC issue; filled in there."""
+"""GQC (Gradient Quality Control: adaptive gradient accumulation) flags.
 
-from dataclasses import dataclass
+What each controller reads from ``--gqc_threshold_start/_end`` (the scheduled value):
+
+* ``gnts``: an upper bound on the norm of the window's mean gradient (absolute, or a fraction of the
+  running single-microbatch gradient norm with ``--gqc_threshold_mode relative``);
+* ``sbc``: the logical batch size in samples (summed over ranks);
+* ``gns``: the noise tolerance (step when the noise statistic <= microbatches * tolerance);
+* ``mht``: the percent-error bound of the loss confidence interval (``--gqc_mht_confidence``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_gradext.errors import UserFacingError
+
+GQC_CONTROLLERS = ("none", "gnts", "sbc", "gns", "mht")
+GQC_SCHEDULES = ("constant", "cosine", "linear", "polynomial")
 
 
 @dataclass
 class GQCArguments:
+    # ---- controller
+    gqc: str = field(
+        default="none",
+        metadata={
+            "help": "Gradient quality control: decide after every microbatch whether to step the optimizer "
+            "(gnts: mean-gradient norm threshold; sbc: scheduled logical batch size; gns: gradient noise "
+            "scale; mht: loss hypothesis test). 'none' keeps HF's fixed accumulation.",
+            "choices": list(GQC_CONTROLLERS),
+        },
+    )
+    gqc_max_microbatches: int = field(
+        default=64,
+        metadata={
+            "help": "Hard cap on microbatches per optimizer step (per rank); the window steps at the cap."
+        },
+    )
+    # ---- threshold schedule (advances with data consumed, measured in microbatches)
+    gqc_threshold_start: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scheduled controller value after warmup (meaning depends on --gqc, see docs/gqc.md)."
+        },
+    )
+    gqc_threshold_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "Scheduled value at the end of the data budget (default: equal to the start value)."
+        },
+    )
+    gqc_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "Shape of the schedule from --gqc_threshold_start to --gqc_threshold_end over the data budget.",
+            "choices": list(GQC_SCHEDULES),
+        },
+    )
+    gqc_schedule_power: float = field(
+        default=2.0, metadata={"help": "Exponent of the 'polynomial' schedule (1.0 is linear)."}
+    )
+    gqc_threshold_mode: str = field(
+        default="absolute",
+        metadata={
+            "help": "gnts only: 'absolute' compares the mean-gradient norm to the value itself; 'relative' "
+            "compares it to value x a running (EMA) estimate of the single-microbatch gradient norm, so "
+            "the same value works across models and scales.",
+            "choices": ["absolute", "relative"],
+        },
+    )
+    gqc_relative_ema: float = field(
+        default=0.1,
+        metadata={"help": "gnts relative mode: EMA weight of each new single-microbatch norm (0 < x <= 1)."},
+    )
+    gqc_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the data budget (in microbatches) spent in the threshold's inverse warmup."
+        },
+    )
+    gqc_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Microbatches of threshold warmup (overrides --gqc_warmup_ratio when > 0)."},
+    )
+    gqc_warmup_multiplier: float = field(
+        default=1.0,
+        metadata={
+            "help": "Inverse warmup: the value starts at start x multiplier and moves linearly to start "
+            "over the warmup (> 1 starts permissive for gnts/gns/mht; < 1 starts small for sbc)."
+        },
+    )
+    # ---- data bounds (the LR and threshold schedules use them as their horizon)
+    gqc_microbatch_budget: int = field(
+        default=0,
+        metadata={"help": "Stop after this many microbatches (per rank); 0 = bounded by --num_train_epochs."},
+    )
+    gqc_token_budget: int = field(
+        default=0,
+        metadata={"help": "Stop after this many input tokens (all ranks); 0 = no token bound."},
+    )
+    # ---- controller-specific
+    gqc_mht_confidence: float = field(
+        default=0.95, metadata={"help": "mht: confidence level of the loss t-interval (0 < x < 1)."}
+    )
+    gqc_mht_beta: float = field(
+        default=0.01, metadata={"help": "mht: update weight of the running loss mean (0 < x <= 1)."}
+    )
+
     def _validate_gqc(self) -> None:
-        pass
+        if self.gqc not in GQC_CONTROLLERS:
+            raise UserFacingError(
+                f"--gqc {self.gqc!r} is unknown; choose one of {', '.join(GQC_CONTROLLERS)}"
+            )
+        if self.gqc_threshold_end is None:
+            self.gqc_threshold_end = self.gqc_threshold_start
+        if self.gqc == "none":
+            return
+        if self.gqc_schedule not in GQC_SCHEDULES:
+            raise UserFacingError(
+                f"--gqc_schedule {self.gqc_schedule!r} is unknown; choose one of {', '.join(GQC_SCHEDULES)}"
+            )
+        if self.gqc_threshold_mode not in ("absolute", "relative"):
+            raise UserFacingError("--gqc_threshold_mode must be 'absolute' or 'relative'")
+        if self.gqc_threshold_mode == "relative" and self.gqc != "gnts":
+            raise UserFacingError(
+                "--gqc_threshold_mode relative applies to --gqc gnts only; drop it or use gnts"
+            )
+        if not 0 < self.gqc_relative_ema <= 1:
+            raise UserFacingError("--gqc_relative_ema must be in (0, 1]")
+        if self.gqc_max_microbatches < 1:
+            raise UserFacingError("--gqc_max_microbatches must be >= 1")
+        if self.gqc_threshold_start < 0 or self.gqc_threshold_end < 0:
+            raise UserFacingError("--gqc_threshold_start/--gqc_threshold_end must be >= 0")
+        if self.gqc == "sbc" and min(self.gqc_threshold_start, self.gqc_threshold_end) < 1:
+            raise UserFacingError(
+                "--gqc sbc reads --gqc_threshold_start/--gqc_threshold_end as a logical batch size in samples; "
+                "set them >= 1"
+            )
+        if not 0 <= self.gqc_warmup_ratio < 1:
+            raise UserFacingError("--gqc_warmup_ratio must be in [0, 1)")
+        if self.gqc_warmup_steps < 0:
+            raise UserFacingError("--gqc_warmup_steps must be >= 0")
+        if self.gqc_warmup_multiplier <= 0:
+            raise UserFacingError("--gqc_warmup_multiplier must be > 0 (1.0 disables the inverse warmup)")
+        if self.gqc_schedule_power <= 0:
+            raise UserFacingError("--gqc_schedule_power must be > 0")
+        if self.gqc_microbatch_budget < 0 or self.gqc_token_budget < 0:
+            raise UserFacingError("--gqc_microbatch_budget/--gqc_token_budget must be >= 0 (0 = unbounded)")
+        if self.gqc == "mht":
+            if not 0 < self.gqc_mht_confidence < 1:
+                raise UserFacingError("--gqc_mht_confidence must be in (0, 1), e.g. 0.95")
+            if not 0 < self.gqc_mht_beta <= 1:
+                raise UserFacingError("--gqc_mht_beta must be in (0, 1]")
+        # The controller decides when a window ends; a fixed window on top would be contradictory.
+        if getattr(self, "gradient_accumulation_steps", 1) != 1:
+            raise UserFacingError(
+                f"--gradient_accumulation_steps {self.gradient_accumulation_steps} conflicts with --gqc {self.gqc} "
+                "(the controller sizes each window); leave it at 1 and use --gqc_max_microbatches as the cap"
+            )
+        # A GradScaler would scale the tested norm by the loss scale and skip steps on its own; refuse.
+        if getattr(self, "fp16", False):
+            raise UserFacingError(
+                f"--fp16 is not supported with --gqc {self.gqc} (loss scaling would distort the tested "
+                "gradient norm); use --bf16 or fp32"
+            )

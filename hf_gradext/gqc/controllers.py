@@ -1,0 +1,220 @@
+"""GQC controllers: after each microbatch, decide "step now" or "draw another microbatch".
+
+Controllers are plain Python: they see one :class:`Observation` per microbatch (numbers already
+reduced over ranks, so every rank decides the same) and return a bool. Tensor work (norms,
+averaging, clipping, the optimizer step) lives in :mod:`hf_gradext.gqc.core` users: the Trainer loop
+(:mod:`hf_gradext.gqc.loop`) and the custom-loop wrapper (:mod:`hf_gradext.gqc.wrapper`).
+
+The hard cap on microbatches per step and the non-finite check are applied by the caller, not here,
+so every controller gets them the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Observation:
+    """What a controller sees after microbatch ``k`` of the current window.
+
+    Attributes:
+        k: microbatches drawn in this window so far (per rank; ranks draw in lockstep).
+        mean_grad_norm: L2 norm of the window's mean gradient (global under DDP).
+        threshold: the scheduled controller value at this point of the data.
+        samples: samples in the window so far (summed over ranks).
+        microbatch_norms: norm of this microbatch's own mean gradient, one per rank (gns).
+        metrics: this microbatch's mean loss, one per rank (mht).
+    """
+
+    k: int
+    mean_grad_norm: float
+    threshold: float
+    samples: int = 0
+    microbatch_norms: list[float] = field(default_factory=list)
+    metrics: list[float] = field(default_factory=list)
+
+
+class Controller(ABC):
+    """Base class: ``decide`` per microbatch, ``end_window`` after the window steps or is skipped."""
+
+    name: str = ""
+    needs_microbatch_norms: bool = False
+    needs_metrics: bool = False
+
+    @abstractmethod
+    def decide(self, obs: Observation) -> bool:
+        """Return True to step the optimizer on the current window."""
+
+    def effective_threshold(self, obs: Observation) -> float:
+        """The number the decision compared against (for logs)."""
+        return obs.threshold
+
+    def end_window(self, stepped: bool) -> None:  # noqa: B027 - optional hook, stateless controllers skip it
+        """Forget per-window history (called after a step or a skipped window)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class GNTS(Controller):
+    """Gradient Norm Threshold Scheduler: step iff ``||sum_k g|| / k <= threshold``.
+
+    In ``relative`` mode the threshold is ``value * r`` where ``r`` is an EMA of the window's norm at
+    its first draw (a single microbatch's mean-gradient norm), so the value is scale-free.
+    """
+
+    name = "gnts"
+
+    def __init__(self, mode: str = "absolute", ema: float = 0.1) -> None:
+        if mode not in ("absolute", "relative"):
+            raise ValueError(f"mode must be 'absolute' or 'relative', got {mode!r}")
+        self.mode = mode
+        self.ema = ema
+        self.reference: float | None = None  # EMA of single-microbatch norms (relative mode)
+
+    def effective_threshold(self, obs: Observation) -> float:
+        if self.mode == "absolute":
+            return obs.threshold
+        return obs.threshold * (self.reference if self.reference is not None else obs.mean_grad_norm)
+
+    def decide(self, obs: Observation) -> bool:
+        if self.mode == "relative" and obs.k == 1 and math.isfinite(obs.mean_grad_norm):
+            r = obs.mean_grad_norm
+            self.reference = r if self.reference is None else (1 - self.ema) * self.reference + self.ema * r
+        return obs.mean_grad_norm <= self.effective_threshold(obs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = state.get("reference")
+
+
+class SBC(Controller):
+    """Scheduled Batch Controller: step once the window holds >= ``threshold`` samples."""
+
+    name = "sbc"
+
+    def decide(self, obs: Observation) -> bool:
+        return obs.samples >= obs.threshold
+
+
+class GNS(Controller):
+    """Gradient-noise-scale controller (torch-gqc's ``OptimizerWrapperGNS`` statistic).
+
+    ``noise = var(n) / (mean(n^2) + 1e-8)`` over the per-microbatch gradient norms ``n`` of the
+    window (all ranks); step iff ``noise <= k * tolerance``. Defect fixed: the reference computes a
+    variance of a single value on the first draw (NaN, silently "never step"); here a window with
+    fewer than two norms uses the previous window's statistic, and the very first window of a run
+    waits for a second draw.
+    """
+
+    name = "gns"
+    needs_microbatch_norms = True
+
+    def __init__(self) -> None:
+        self.history: list[float] = []
+        self.last_noise: float | None = None
+
+    def noise(self) -> float | None:
+        if len(self.history) < 2:
+            return self.last_noise
+        n = len(self.history)
+        mean = sum(self.history) / n
+        var = sum((x - mean) ** 2 for x in self.history) / (n - 1)  # unbiased, as torch.var
+        mean_sq = sum(x * x for x in self.history) / n
+        return var / (mean_sq + 1e-8)
+
+    def decide(self, obs: Observation) -> bool:
+        self.history.extend(float(x) for x in obs.microbatch_norms)
+        noise = self.noise()
+        if noise is None or not math.isfinite(noise):
+            return False
+        if len(self.history) >= 2:
+            self.last_noise = noise
+        return noise <= obs.k * obs.threshold
+
+    def end_window(self, stepped: bool) -> None:
+        self.history = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_noise": self.last_noise}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_noise = state.get("last_noise")
+
+
+class MHT(Controller):
+    """Metric Hypothesis Test (torch-gqc's ``OptimizerWrapperMHT``) on the microbatch losses.
+
+    Step iff the ``confidence`` t-interval of the set ``[running_mean] + window losses`` lies within
+    ``mean * (1 +- threshold)``, where ``mean`` is that set's mean and ``running_mean`` an EMA of
+    all microbatch losses.
+    Non-finite losses are never added to the history (the caller skips such windows).
+    """
+
+    name = "mht"
+    needs_metrics = True
+
+    def __init__(self, confidence: float = 0.95, beta: float = 0.01) -> None:
+        self.confidence = confidence
+        self.beta = beta
+        self.running_mean: float | None = None
+        self.history: list[float] = []
+
+    def decide(self, obs: Observation) -> bool:
+        metrics = [float(x) for x in obs.metrics]
+        if not metrics or not all(math.isfinite(x) for x in metrics):
+            return False
+        self.history.extend(metrics)
+        update = sum(metrics) / len(metrics)
+        if self.running_mean is None:
+            self.running_mean = update
+        else:
+            self.running_mean = self.running_mean * (1 - self.beta) + update * self.beta
+        values = [self.running_mean, *self.history]
+        n = len(values)
+        mean = sum(values) / n
+        sem = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
+        half = _t_quantile(0.5 + self.confidence / 2, n - 1) * (sem + 1e-12)
+        return (mean - half) >= mean * (1 - obs.threshold) and (mean + half) <= mean * (1 + obs.threshold)
+
+    def end_window(self, stepped: bool) -> None:
+        self.history = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"running_mean": self.running_mean}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.running_mean = state.get("running_mean")
+
+
+def _t_quantile(p: float, df: int) -> float:
+    """Student-t quantile (scipy is a torch-gqc dependency, imported lazily so others never need it)."""
+    try:
+        from scipy import stats
+    except ImportError as exc:  # pragma: no cover - exercised only without scipy
+        from hf_gradext.errors import UserFacingError
+
+        raise UserFacingError("--gqc mht needs scipy for its t-interval; `pip install scipy`") from exc
+    return float(stats.t.ppf(p, df))
+
+
+def build_controller(args) -> Controller:
+    """The controller named by ``args.gqc`` configured from ``GQCArguments`` fields."""
+    if args.gqc == "gnts":
+        return GNTS(mode=args.gqc_threshold_mode, ema=args.gqc_relative_ema)
+    if args.gqc == "sbc":
+        return SBC()
+    if args.gqc == "gns":
+        return GNS()
+    if args.gqc == "mht":
+        return MHT(confidence=args.gqc_mht_confidence, beta=args.gqc_mht_beta)
+    raise ValueError(f"no controller for gqc={args.gqc!r}")

@@ -1,0 +1,280 @@
+"""The GQC epoch loop: HF's ``_run_epoch`` with the window decided per microbatch.
+
+Kept from HF: ``training_step`` (so microbatch observers, autocast, gradient checkpointing and peft
+work unchanged), callbacks, ``_maybe_log_save_evaluate`` (logging, evaluation, checkpoints), the
+resume data skip and RNG reload.
+
+Changed, per microbatch:
+
+* the loss is a token *sum* (``num_items_in_batch=1`` makes HF's loss divide by 1); the window's
+  gradient is divided once, at decision time, by the window's label-token count summed over ranks,
+  so the tested gradient and the stepped gradient are the exact token mean of the window;
+* under DDP every microbatch's backward all-reduces (no ``no_sync``): the decision needs the global
+  gradient. One extra all-reduce of a few scalars per microbatch makes every rank see the same
+  numbers, hence take the same decision; another, before the forward, makes all ranks stop together
+  when one runs out of data;
+* clipping applies once to the final mean gradient; a non-finite gradient or loss drops the window;
+* the LR scheduler is advanced to the data position (microbatches consumed), not once per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hf_gradext.gqc.norms import MicrobatchNormTracker, grads_of, scale_, total_norm
+from hf_gradext.gqc.run import GQCRun
+
+
+def _world(trainer) -> int:
+    return max(1, int(trainer.accelerator.num_processes))
+
+
+def _all_reduce_sum(values: torch.Tensor, trainer) -> torch.Tensor:
+    if _world(trainer) > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values
+
+
+def _counts(trainer, inputs: dict[str, Any] | None) -> tuple[float, float, float]:
+    """(label tokens the loss averages over, input tokens, samples) of one microbatch, local."""
+    if inputs is None:
+        return 0.0, 0.0, 0.0
+    ids = inputs.get("input_ids")
+    samples = float(ids.shape[0]) if ids is not None else 0.0
+    mask = inputs.get("attention_mask")
+    tokens = float(mask.sum()) if mask is not None else float(ids.numel()) if ids is not None else 0.0
+    if "shift_labels" in inputs:
+        labels = inputs["shift_labels"]
+    elif "labels" in inputs:
+        labels = inputs["labels"][..., 1:] if _shifts_labels(trainer) else inputs["labels"]
+    else:
+        return samples, tokens, samples  # no labels: one item per sample
+    return float(labels.ne(-100).sum()), tokens, samples
+
+
+def _shifts_labels(trainer) -> bool:
+    """Whether the loss predicts ``labels[..., 1:]`` (causal LM), so position 0 is not an item.
+
+    HF's ``_loss_shifts_labels`` reads ``model.loss_type``, which is None for e.g. GPT-2 although its
+    ``loss_function`` falls back to ``ForCausalLMLoss``; ask the loss function itself as well.
+    """
+    cached = getattr(trainer, "_gqc_shifts_labels", None)
+    if cached is None:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        from transformers.modeling_utils import unwrap_model
+
+        model = unwrap_model(trainer.model)
+        model = getattr(model, "get_base_model", lambda: model)()  # peft
+        is_causal = getattr(model, "loss_function", None) is ForCausalLMLoss
+        enc_dec = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        cached = bool(getattr(trainer, "_loss_shifts_labels", False) or (is_causal and not enc_dec))
+        trainer._gqc_shifts_labels = cached
+    return cached
+
+
+def _loss_is_sum(trainer) -> bool:
+    """True when HF forwards ``num_items_in_batch`` into the loss (then 1 gives a token-sum loss)."""
+    return bool(trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None)
+
+
+def _advance_lr(trainer, position: float) -> None:
+    """Step the LR scheduler until its counter reaches the data position (in microbatches)."""
+    sched = trainer.lr_scheduler
+    if sched is None or isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return
+    target = int(position)
+    while getattr(sched, "last_epoch", target) < target:
+        sched.step()
+
+
+def run_gqc_epoch(
+    trainer,
+    model,
+    epoch,
+    train_dataloader,
+    steps_in_epoch,
+    num_update_steps_per_epoch,
+    trial,
+    ignore_keys_for_eval,
+    start_time,
+    resume_from_checkpoint,
+    epochs_trained,
+    steps_trained_in_current_epoch,
+) -> None:
+    """One pass over ``train_dataloader`` with GQC windows (signature of HF's ``_run_epoch``)."""
+    from accelerate.data_loader import skip_first_batches
+
+    args = trainer.args
+    run: GQCRun = trainer._gqc_run
+    core = run.core
+    if run.budget_reached():  # resumed exactly at the end of the data budget
+        trainer.control.should_training_stop = True
+        return
+    world = _world(trainer)
+    device = args.device
+
+    # ---- resume: skip the microbatches already consumed in this epoch (HF's own mechanism)
+    rng_to_sync = False
+    run.epoch, run.microbatches_in_epoch = epoch, 0
+    if epoch == epochs_trained and resume_from_checkpoint is not None:
+        if steps_trained_in_current_epoch > 0 and not args.ignore_data_skip:
+            train_dataloader = skip_first_batches(train_dataloader, steps_trained_in_current_epoch)
+            run.microbatches_in_epoch = steps_trained_in_current_epoch
+            rng_to_sync = True
+        elif steps_trained_in_current_epoch == 0:
+            trainer._load_rng_state(resume_from_checkpoint)
+    if hasattr(train_dataloader, "set_epoch"):
+        train_dataloader.set_epoch(epoch)
+    inner = getattr(getattr(train_dataloader, "batch_sampler", None), "batch_sampler", None)
+    if hasattr(inner, "set_epoch"):
+        inner.set_epoch(epoch)
+    iterator = iter(train_dataloader)
+
+    def fetch():
+        return next(iterator, None)
+
+    sum_loss = _loss_is_sum(trainer)
+    # HF multiplies the loss by the process count when averaging tokens across devices.
+    loss_mult = float(world) if (sum_loss and args.average_tokens_across_devices) else 1.0
+    one = torch.ones((), device=device) if sum_loss else None
+    trainer.current_gradient_accumulation_steps = 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    tracker = getattr(trainer, "_gqc_tracker", None)
+    if core.controller.needs_microbatch_norms and tracker is None:
+        tracker = trainer._gqc_tracker = MicrobatchNormTracker(params)
+    needs_metrics = core.controller.needs_metrics
+
+    grad_norm: float | None = None
+    learning_rate: float | None = None
+    window_loss = torch.zeros((), device=device, dtype=torch.float64)
+    current = fetch()
+    if rng_to_sync:
+        trainer._load_rng_state(resume_from_checkpoint)
+    stopped_by_budget = exhausted = False
+    while True:
+        upcoming = fetch()
+        items, tokens, samples = _counts(trainer, current)
+        agree = torch.tensor(
+            [current is not None, upcoming is not None, items, tokens, samples],
+            dtype=torch.float64,
+            device=device,
+        )
+        has_cur, has_next, items, tokens, samples = _all_reduce_sum(agree, trainer).tolist()
+        if has_cur < world:  # some rank has no data left: every rank stops here
+            exhausted = True
+            break
+        core.add_microbatch(items=items, tokens=tokens, samples=int(samples))
+        run.microbatches_in_epoch += 1
+        last = has_next < world or run.budget_reached()
+        if core.window_k == 1:
+            trainer.control = trainer.callback_handler.on_step_begin(args, trainer.state, trainer.control)
+
+        trainer.accelerator.gradient_state._set_sync_gradients(True)
+        local_items = _counts(trainer, current)[0]
+        loss = trainer.training_step(model, current, one)  # token sum (x loss_mult) or microbatch mean
+        trainer.current_flos += float(trainer.floating_point_ops(current))
+        trainer._track_num_input_tokens(current)
+
+        # ---- one reduction: [non-finite flag, loss, ||grad||^2, per-rank microbatch norm, per-rank metric]
+        grads = grads_of(params)
+        rank = int(args.process_index)
+        loss_f = loss.detach().to(torch.float64)
+        vec = torch.zeros(3 + 2 * world, dtype=torch.float64, device=device)
+        vec[0] = (~torch.isfinite(loss_f)).to(torch.float64)
+        vec[1] = loss_f / loss_mult if sum_loss else loss_f / world
+        vec[2] = total_norm(grads).to(device=device, dtype=torch.float64) ** 2 / world
+        if tracker is not None:
+            mb = tracker.pop()
+            vec[3 + rank] = mb / (loss_mult * max(local_items, 1.0)) if sum_loss else mb
+        if needs_metrics:
+            vec[3 + world + rank] = loss_f / (loss_mult * max(local_items, 1.0)) if sum_loss else loss_f
+        vals = _all_reduce_sum(vec, trainer).tolist()
+        nonfinite = vals[0] > 0 or not math.isfinite(vals[2])
+        window_loss += vals[1]
+        # .grad holds (loss_mult / world) * (sum over ranks of token-sum gradients): the mean is a rescale.
+        factor = world / (loss_mult * max(core.window_items, 1.0)) if sum_loss else 1.0 / core.window_k
+        mean_norm = math.sqrt(max(vals[2], 0.0)) * factor if not nonfinite else float("nan")
+        decision = core.decide(
+            mean_norm,
+            position=max(run.position() - 1, 0.0),
+            nonfinite=nonfinite,
+            microbatch_norms=vals[3 : 3 + world] if tracker is not None else (),
+            metrics=vals[3 + world :] if needs_metrics else (),
+            force=last,
+        )
+        trainer.state.epoch = epoch + run.microbatches_in_epoch / steps_in_epoch
+
+        if decision.step:
+            scale_(grads, factor)
+            clipped = (
+                trainer._clip_grad_norm(model) if args.max_grad_norm and args.max_grad_norm > 0 else None
+            )
+            grad_norm = float(clipped) if clipped is not None else mean_norm
+            trainer.control = trainer.callback_handler.on_pre_optimizer_step(
+                args, trainer.state, trainer.control
+            )
+            trainer.optimizer.step()
+            trainer.control = trainer.callback_handler.on_optimizer_step(args, trainer.state, trainer.control)
+            learning_rate = trainer._get_learning_rate()
+            _advance_lr(trainer, run.position())
+            model.zero_grad()
+            denom = decision.items if sum_loss else decision.k
+            trainer._tr_loss += (window_loss / max(denom, 1.0)).to(trainer._tr_loss.dtype)
+            window_loss.zero_()
+            trainer.state.global_step += 1
+            run.pending.append(
+                {
+                    "k": decision.k,
+                    "grad_norm": decision.mean_grad_norm,
+                    "threshold": decision.threshold,
+                    "tokens": decision.items,
+                }
+            )
+            trainer.control = trainer.callback_handler.on_step_end(args, trainer.state, trainer.control)
+            trainer._maybe_log_save_evaluate(
+                trainer._tr_loss,
+                grad_norm,
+                model,
+                trial,
+                epoch,
+                ignore_keys_for_eval,
+                start_time,
+                learning_rate=learning_rate,
+            )
+        elif decision.skip:
+            # Never let NaN/inf reach the optimizer; the data still counts for the schedules.
+            model.zero_grad()
+            window_loss.zero_()
+            _advance_lr(trainer, run.position())
+        else:
+            trainer.control = trainer.callback_handler.on_substep_end(args, trainer.state, trainer.control)
+
+        current = upcoming
+        at_boundary = core.window_k == 0
+        if last:
+            exhausted = has_next < world
+            stopped_by_budget = not exhausted and run.budget_reached()
+            break
+        if at_boundary and (trainer.control.should_epoch_stop or trainer.control.should_training_stop):
+            break
+
+    if stopped_by_budget or run.budget_reached():
+        trainer.control.should_training_stop = True
+    if exhausted:
+        # Epoch fully consumed: a checkpoint taken now resumes at the start of the next epoch.
+        run.epoch, run.microbatches_in_epoch = epoch + 1, 0
+
+    trainer.control = trainer.callback_handler.on_epoch_end(args, trainer.state, trainer.control)
+    trainer._maybe_log_save_evaluate(
+        trainer._tr_loss,
+        grad_norm,
+        model,
+        trial,
+        epoch,
+        ignore_keys_for_eval,
+        start_time,
+        learning_rate=learning_rate,
+    )

@@ -1,0 +1,200 @@
+"""State of one GQC training run inside ``GradExtTrainer``: horizon, data position, checkpoint file, logs.
+
+``GradExtTrainer`` calls these from its GQC section (``set_initial_training_values``,
+``_init_training_state``, ``create_scheduler``, ``_save_checkpoint``, ``log``); the epoch loop itself
+is :func:`hf_gradext.gqc.loop.run_gqc_epoch`.
+
+Bounds: a GQC run is bounded by data. The horizon (in microbatches per rank) is
+``--gqc_microbatch_budget`` if set, else ``ceil(num_train_epochs * len(train_dataloader))``; the LR
+scheduler and the threshold schedule both use it, and advance by the microbatches consumed at each
+step. ``--gqc_token_budget`` also stops the run (schedules then follow max(microbatch, token)
+progress). ``--max_steps`` only stops the run early: it does not shorten the schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_gradext.errors import UserFacingError
+from hf_gradext.gqc.controllers import build_controller
+from hf_gradext.gqc.core import GQCCore
+from hf_gradext.gqc.schedules import schedule_from_args
+
+GQC_STATE_NAME = "gqc_state.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class GQCRun:
+    """Controller + data position of a run (what a checkpoint must restore)."""
+
+    core: GQCCore
+    horizon: int  # microbatches per rank the schedules span
+    microbatches_per_epoch: int | None
+    token_budget: int = 0
+    epoch: int = 0
+    microbatches_in_epoch: int = 0
+    pending: list[dict[str, float]] = field(default_factory=list)  # per-step records not yet logged
+
+    def position(self) -> float:
+        """Data consumed, in microbatches (token progress mapped onto the same axis)."""
+        pos = float(self.core.totals["microbatches"])
+        if self.token_budget:
+            pos = max(pos, self.core.totals["tokens"] / self.token_budget * self.horizon)
+        return pos
+
+    def budget_reached(self) -> bool:
+        t = self.core.totals
+        return t["microbatches"] >= self.horizon or bool(
+            self.token_budget and t["tokens"] >= self.token_budget
+        )
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "microbatches_in_epoch": self.microbatches_in_epoch,
+            "horizon": self.horizon,
+            "core": self.core.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise UserFacingError(
+                f"{GQC_STATE_NAME} has version {state.get('version')}; expected {STATE_VERSION}"
+            )
+        self.epoch = int(state["epoch"])
+        self.microbatches_in_epoch = int(state["microbatches_in_epoch"])
+        self.core.load_state_dict(state["core"])
+
+    # ------------------------------------------------------------------ logs
+    def drain_step_logs(self) -> dict[str, float]:
+        """Per-step keys for a training log entry (averaged if several steps share one entry)."""
+        t = self.core.totals
+        out: dict[str, float] = {
+            "gqc/tokens": t["tokens"],
+            "gqc/microbatches_total": t["microbatches"],
+            "gqc/skipped_windows": t["skipped_windows"],
+            "gqc/skipped_microbatches": t["skipped_microbatches"],
+            "gqc/capped_steps": t["capped_steps"],
+        }
+        if self.pending:
+            out["gqc/microbatches"] = sum(p["k"] for p in self.pending) / len(self.pending)
+            out["gqc/grad_norm"] = self.pending[-1]["grad_norm"]
+            out["gqc/threshold"] = self.pending[-1]["threshold"]
+            out["gqc/window_tokens"] = sum(p["tokens"] for p in self.pending) / len(self.pending)
+            self.pending = []
+        return out
+
+    def summary(self) -> dict[str, float]:
+        t = self.core.totals
+        out = {f"gqc/total_{k}": v for k, v in t.items()}
+        out["gqc/mean_microbatches_per_step"] = (
+            (t["microbatches"] - t["skipped_microbatches"]) / t["steps"] if t["steps"] else 0.0
+        )
+        return out
+
+
+def build_run(args, microbatches_per_epoch: int | None) -> GQCRun:
+    """Horizon + controller + schedule of a run from the arguments and the dataloader length."""
+    if args.gqc_microbatch_budget:
+        horizon = args.gqc_microbatch_budget
+    elif microbatches_per_epoch:
+        horizon = math.ceil(args.num_train_epochs * microbatches_per_epoch)
+    else:
+        raise UserFacingError(
+            "--gqc needs a data bound: the train dataset has no length, so set --gqc_microbatch_budget"
+        )
+    core = GQCCore(
+        build_controller(args),
+        schedule=schedule_from_args(args, horizon),
+        max_microbatches=args.gqc_max_microbatches,
+    )
+    return GQCRun(
+        core=core,
+        horizon=horizon,
+        microbatches_per_epoch=microbatches_per_epoch,
+        token_budget=args.gqc_token_budget,
+    )
+
+
+def initial_training_values(trainer, args, dataloader) -> tuple[int, int, int, int, int, int, int]:
+    """GQC replacement of ``Trainer.set_initial_training_values``: sizes measured in microbatches."""
+    from transformers.trainer_utils import has_length
+
+    len_dl = (len(dataloader) or None) if has_length(dataloader) else None
+    run = build_run(args, len_dl)
+    trainer._gqc_run = run
+    total_batch = trainer.get_total_train_batch_size(args)
+    if len_dl:
+        num_epochs = math.ceil(run.horizon / len_dl)
+        num_examples = trainer.num_examples(dataloader)
+    else:
+        num_epochs = sys.maxsize
+        num_examples = total_batch * run.horizon
+    steps_in_epoch = len_dl or run.horizon
+    # state.max_steps: an upper bound (every step takes >= 1 microbatch), or the user's --max_steps.
+    max_steps = args.max_steps if args.max_steps > 0 else run.horizon
+    return (
+        num_epochs,
+        steps_in_epoch,
+        num_examples,
+        run.horizon * total_batch,
+        total_batch,
+        steps_in_epoch,
+        max_steps,
+    )
+
+
+def restore_position(trainer, resume_from_checkpoint: str | None) -> tuple[int, int]:
+    """Load ``gqc_state.json`` (when resuming) and return ``(epochs_trained, microbatches_in_epoch)``."""
+    run: GQCRun = trainer._gqc_run
+    if resume_from_checkpoint is None:
+        return 0, 0
+    path = os.path.join(resume_from_checkpoint, GQC_STATE_NAME)
+    if not os.path.isfile(path):
+        raise UserFacingError(
+            f"{resume_from_checkpoint} has no {GQC_STATE_NAME} (not written by a GQC run, or written "
+            "partially); resume from a checkpoint of a --gqc run or drop --resume_from_checkpoint"
+        )
+    with open(path) as fh:
+        run.load_state_dict(json.load(fh))
+    return run.epoch, run.microbatches_in_epoch
+
+
+def save_state(trainer, trial) -> None:
+    """Write ``gqc_state.json`` into the checkpoint folder that ``_save_checkpoint`` is about to fill.
+
+    Written first (temp name + ``os.replace``): HF writes ``trainer_state.json`` last, so a checkpoint
+    that looks complete always carries its GQC state.
+    """
+    run: GQCRun | None = getattr(trainer, "_gqc_run", None)
+    if run is None or not trainer.args.should_save:
+        return
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    out_dir = os.path.join(
+        trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".{GQC_STATE_NAME}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(run.state_dict(), fh, indent=1)
+    os.replace(tmp, os.path.join(out_dir, GQC_STATE_NAME))
+
+
+def decorate_logs(trainer, logs: dict[str, float]) -> None:
+    """Add GQC keys to a training log entry, and run totals to the end-of-training summary."""
+    run: GQCRun | None = getattr(trainer, "_gqc_run", None)
+    if run is None:
+        return
+    if "train_runtime" in logs:
+        logs.update(run.summary())
+    elif "loss" in logs and not any(k.startswith("eval_") for k in logs):
+        logs.update(run.drain_step_logs())
