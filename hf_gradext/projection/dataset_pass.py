@@ -1,0 +1,287 @@
+"""``hf-gradext project``: one pass over a dataset, projected per-sample gradients, no optimizer.
+
+Distribution: under ``accelerate launch`` every rank loads the same model (same seed for a from-scratch
+model) and takes every ``world_size``-th of the examples still to do; each writes its own shards
+(``proj-rankNNN-*``), and :func:`hf_gradext.projection.load_projections` merges them into one index
+ordered by example id. Resume: example ids already in complete shards (of any rank) are skipped, so a
+killed run, restarted with the same command, neither duplicates nor misses an example, even with a
+different number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_gradext.errors import UserFacingError
+from hf_gradext.projection.io import (
+    DTYPES,
+    METADATA_FILE,
+    PREFIX,
+    RUN_CONFIG_FILE,
+    STATS_FILE,
+    ProjectionShardWriter,
+    completed_example_ids,
+    list_shards,
+    write_json_atomic,
+)
+from hf_gradext.projection.projector import KroneckerProjector
+
+logger = logging.getLogger(__name__)
+# Test hook: hard-exit (as a kill would) after this many batches, to test resuming.
+KILL_ENV = "HF_GRADEXT_TEST_KILL_AFTER_BATCHES"
+_COMPARED_KEYS = (
+    "proj_rank_total",
+    "proj_rank_min",
+    "proj_seed",
+    "proj_method",
+    "include_embeddings",
+    "layers",
+)
+
+
+@dataclass
+class ProjectRunArguments:
+    output_dir: str = field(default="projections", metadata={"help": "Where shards and metadata go."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward+backward (per process)."})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Project only the first N examples (blocks) of the split."}
+    )
+    split: str = field(
+        default="train", metadata={"help": "Which split to project.", "choices": ["train", "validation"]}
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "cuda, cpu, cuda:1, ... ('auto': the accelerate device of this process)."},
+    )
+    seed: int = field(
+        default=42, metadata={"help": "Seed for building a from-scratch model (same on every rank)."}
+    )
+    snippet_chars: int = field(default=80, metadata={"help": "Characters of decoded text kept per example."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete earlier shards in --output_dir instead of resuming."}
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+
+    def _validate_run(self) -> None:
+        if self.batch_size < 1:
+            raise UserFacingError(f"--batch_size={self.batch_size} must be >= 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UserFacingError(f"--max_samples={self.max_samples} must be >= 1 (or unset for all)")
+
+
+def _check_compatible(directory: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    path = directory / METADATA_FILE
+    if overwrite:
+        for info in list_shards(directory, PREFIX):
+            info.path.unlink()
+        return
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if any(old.get(k) != meta.get(k) for k in _COMPARED_KEYS):
+        raise UserFacingError(
+            f"--output_dir={directory} holds projections made with other settings; pass --overwrite or "
+            "choose another --output_dir"
+        )
+
+
+def _load(margs: Any, rargs: ProjectRunArguments, block_size: int | None) -> tuple[Any, Any, Any]:
+    from transformers import set_seed
+
+    from hf_gradext.data import build_datasets, load_tokenizer
+    from hf_gradext.models import build_config, load_model, resolve_block_size
+
+    tokenizer = load_tokenizer(margs)
+    config = build_config(margs, tokenizer)
+    margs.block_size = resolve_block_size(margs, tokenizer, config) if block_size is None else block_size
+    train, evaluation = build_datasets(margs, tokenizer, block_size=margs.block_size)
+    data = train if rargs.split == "train" else evaluation
+    if data is None:
+        raise UserFacingError(
+            "--split validation: the data has no validation split; set --validation_split_percentage"
+        )
+    if rargs.max_samples is not None:
+        data = data.select(range(min(rargs.max_samples, len(data))))
+    set_seed(rargs.seed)  # a from-scratch model must be identical on every rank and every resume
+    model = load_model(margs, tokenizer, config)
+    if (
+        getattr(margs, "model_dtype", None) not in (None, "auto")
+        and getattr(margs, "model_name_or_path", None) is None
+    ):
+        model = model.to(getattr(torch, margs.model_dtype))
+    return tokenizer, data, model
+
+
+def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[str, Any]:
+    """The dataset pass (see module doc). Returns the merged stats written to ``projection_stats.json``."""
+    from accelerate import PartialState
+
+    from hf_gradext.store import ensure_writable_dir
+
+    state = PartialState(cpu=rargs.device == "cpu")
+    rank, world = state.process_index, state.num_processes
+    device = torch.device(state.device if rargs.device == "auto" else rargs.device)
+    directory = Path(rargs.output_dir)
+    if state.is_main_process:
+        ensure_writable_dir(directory, "--output_dir")
+        for stale in directory.glob(".stats-rank*.json"):  # from an earlier run, maybe another world size
+            stale.unlink()
+    state.wait_for_everyone()
+    with state.main_process_first():
+        tokenizer, data, model = _load(margs, rargs, getattr(margs, "block_size", None))
+    model.to(device).eval()
+    projector = KroneckerProjector(
+        model,
+        layers=pargs.proj_layers,
+        rank_total=pargs.proj_rank_total,
+        rank_min=pargs.proj_rank_min,
+        seed=pargs.proj_seed,
+        row_orthonormal=pargs.proj_row_orthonormal,
+        include_embeddings=pargs.include_embeddings,
+        dtype=pargs.proj_dtype,
+    )
+    meta = projector.metadata()
+    if state.is_main_process:
+        _check_compatible(directory, meta, rargs.overwrite)
+    state.wait_for_everyone()
+    done = completed_example_ids(directory)  # every rank reads before any rank writes
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_json_atomic(directory / METADATA_FILE, meta)
+        run_config = {
+            "model_data": _plain(margs),
+            "projection": _plain(pargs),
+            "run": asdict(rargs),
+            "world_size": world,
+        }
+        write_json_atomic(directory / RUN_CONFIG_FILE, run_config)
+    ids = [int(i) for i in data["example_id"]]
+    todo = [pos for pos, i in enumerate(ids) if i not in done]
+    mine = todo[rank::world]
+    stats = _project_rows(projector, data, mine, tokenizer, rargs, pargs, directory, rank, device, state)
+    stats.update(skipped_already_done=len(ids) - len(todo))
+    write_json_atomic(directory / f".stats-rank{rank:03d}.json", stats)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        projector.close()
+        return stats
+    merged = _merge_stats(directory, world)
+    write_json_atomic(directory / STATS_FILE, merged)
+    projector.close()
+    return merged
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(obj).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def _project_rows(
+    projector: KroneckerProjector,
+    data: Any,
+    positions: list[int],
+    tokenizer: Any,
+    rargs: ProjectRunArguments,
+    pargs: Any,
+    directory: Path,
+    rank: int,
+    device: torch.device,
+    state: Any,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    writer = ProjectionShardWriter(
+        directory,
+        rank=rank,
+        save_interval=pargs.proj_save_interval,
+        dtype=DTYPES[pargs.proj_dtype],
+        flag="--output_dir",
+    )
+    kill_after = int(os.environ.get(KILL_ENV, "0"))
+    bar = tqdm(
+        total=len(positions),
+        unit="ex",
+        disable=rargs.disable_tqdm or not state.is_local_main_process,
+        desc=f"projecting (rank {rank})",
+        dynamic_ncols=True,
+    )
+    tokens, loss_sum, batches, start = 0, 0.0, 0, time.perf_counter()
+    try:
+        for first in range(0, len(positions), rargs.batch_size):
+            chunk = data[positions[first : first + rargs.batch_size]]
+            batch = {
+                k: torch.as_tensor(chunk[k]).to(device)
+                for k in ("input_ids", "attention_mask", "labels")
+                if k in chunk
+            }
+            rows = projector.project(batch)  # (b, D)
+            n_tok = (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
+            tokens, loss_sum, batches = tokens + n_tok, loss_sum + projector.last_loss, batches + 1
+            index = [
+                {
+                    "example_id": int(e),
+                    "rank": rank,
+                    "step": batches - 1,
+                    "batch_loss": projector.last_loss,
+                    "snippet": _snippet(tokenizer, ids, rargs.snippet_chars),
+                }
+                for e, ids in zip(chunk["example_id"], chunk["input_ids"])
+            ]
+            writer.add(rows, index)
+            elapsed = time.perf_counter() - start
+            bar.update(len(index))
+            bar.set_postfix(loss=f"{projector.last_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+            if kill_after and batches >= kill_after:
+                writer.writer.flush()  # what a real kill may or may not have had time to finish
+                os._exit(137)
+    finally:
+        bar.close()
+    writer.close()
+    elapsed = time.perf_counter() - start
+    return {
+        "rank": rank,
+        "examples": len(positions),
+        "batches": batches,
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_second": tokens / max(elapsed, 1e-9),
+        "mean_batch_loss": loss_sum / max(batches, 1),
+        "rows_written": writer.rows_written,
+    }
+
+
+def _snippet(tokenizer: Any, ids: list[int], chars: int) -> str:
+    if chars <= 0 or tokenizer is None:
+        return ""
+    return tokenizer.decode(ids[: max(chars, 1)], skip_special_tokens=True)[:chars]
+
+
+def _merge_stats(directory: Path, world: int) -> dict[str, Any]:
+    per_rank = []
+    for path in sorted(directory.glob(".stats-rank*.json")):
+        per_rank.append(json.loads(path.read_text()))
+    tokens = sum(s["tokens"] for s in per_rank)
+    seconds = max((s["seconds"] for s in per_rank), default=0.0)
+    batches = sum(s["batches"] for s in per_rank)
+    return {
+        "world_size": world,
+        "examples_this_run": sum(s["examples"] for s in per_rank),
+        "skipped_already_done": per_rank[0]["skipped_already_done"] if per_rank else 0,
+        "rows_in_directory": len(completed_example_ids(directory)),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "mean_batch_loss": sum(s["mean_batch_loss"] * s["batches"] for s in per_rank) / max(batches, 1),
+        "per_rank": per_rank,
+    }

@@ -1,0 +1,101 @@
+"""``hf-gradext full-grads``: exact per-sample gradients (the reference for projection error analysis).
+
+Output directory: ``fullgrad_meta.json`` (``param_slices``: per parameter name its ``start``, ``end``
+and ``shape`` inside the flattened vector; ``total_param_dim``; layers; dtype) and shards
+``fullgrad-rank000-*.safetensors`` with tensor ``grad`` (n, total_param_dim) and index rows
+``example_id``. Tied weights appear once (``transformer.wte.weight`` = embedding + ``lm_head``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_gradext.errors import UserFacingError
+from hf_gradext.projection.io import write_json_atomic
+
+PREFIX = "fullgrad"
+META_FILE = "fullgrad_meta.json"
+
+
+def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
+    from hf_gradext.grad import per_sample_gradients
+    from hf_gradext.projection.dataset_pass import ProjectRunArguments, _load
+    from hf_gradext.projection.projector import KroneckerProjector
+    from hf_gradext.store import ShardWriter
+
+    rargs = ProjectRunArguments(max_samples=fargs.max_samples, split=fargs.split, seed=fargs.seed)
+    _, data, model = _load(margs, rargs, getattr(margs, "block_size", None))
+    model.to(fargs.device).eval()
+    layers, keep = fargs.layers, None
+    if layers == "projected":
+        projector = KroneckerProjector.from_metadata(fargs.proj_metadata, model)
+        layers, keep = projector.capture_layers(), [b.weight_name for b in projector.blocks]
+    dtype = getattr(torch, fargs.grad_dtype)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    writer = ShardWriter(fargs.output_dir, prefix=PREFIX, flag="--output_dir")
+    slices: dict[str, dict[str, Any]] | None = None
+    total = 0
+    for first in range(0, len(data), fargs.batch_size):
+        chunk = data[first : first + fargs.batch_size]
+        batch = {
+            k: torch.as_tensor(chunk[k]).to(fargs.device)
+            for k in ("input_ids", "attention_mask", "labels")
+            if k in chunk
+        }
+        grads = per_sample_gradients(model, batch, layers=layers, dtype=dtype)
+        order = [n for n in names if n in grads and (keep is None or n in keep)]
+        if slices is None:
+            slices, start = {}, 0
+            for n in order:
+                shape = list(grads[n].shape[1:])
+                size = int(torch.tensor(shape).prod()) if shape else 1
+                slices[n] = {"start": start, "end": start + size, "shape": shape}
+                start += size
+            total = start
+            if total * len(data) > fargs.max_elements:
+                raise UserFacingError(
+                    f"{len(data)} samples x {total} values exceeds --max_elements={fargs.max_elements}; lower "
+                    "--max_samples, use --layers projected, or raise --max_elements"
+                )
+            write_json_atomic(
+                Path(fargs.output_dir) / META_FILE,
+                {
+                    "param_slices": slices,
+                    "total_param_dim": total,
+                    "layers": fargs.layers,
+                    "proj_metadata": fargs.proj_metadata,
+                    "dtype": fargs.grad_dtype,
+                    "loss": "each sample's own mean token loss over labels != -100",
+                },
+            )
+        flat = torch.cat([_dense(grads[n]).reshape(batch["input_ids"].shape[0], -1) for n in order], dim=1)
+        writer.write({"grad": flat.to(dtype)}, [{"example_id": int(e)} for e in chunk["example_id"]])
+    writer.close()
+    return {"examples": len(data), "total_param_dim": total}
+
+
+def _dense(grad: Any) -> torch.Tensor:
+    return grad if isinstance(grad, torch.Tensor) else grad.to_dense()
+
+
+def load_full_grads(directory: str | Path) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
+    """``(grads (N, P), example ids, fullgrad_meta)`` of a ``full-grads`` directory (loaded in RAM)."""
+    from hf_gradext.store import list_shards, read_shard
+
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise UserFacingError(
+            f"{meta_path} not found; run `hf-gradext full-grads --output_dir {directory}` first"
+        )
+    meta = json.loads(meta_path.read_text())
+    parts, ids = [], []
+    for info in list_shards(directory, PREFIX):
+        tensors, rows, _ = read_shard(info.path)
+        parts.append(tensors["grad"])
+        ids.extend(int(r["example_id"]) for r in rows)
+    return (torch.cat(parts) if parts else torch.empty(0, meta["total_param_dim"])), ids, meta

@@ -1,0 +1,80 @@
+import json
+
+import torch
+from transformers import default_data_collator
+
+from hf_gradext.arguments import GradExtArguments
+from hf_gradext.projection import KroneckerProjector, load_projections
+from hf_gradext.trainer import GradExtTrainer
+from tests.projection.conftest import make_tiny_gpt2
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, n=8, seq=6, vocab=61, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        project_gradients=True,
+        proj_rank_total=16,
+        proj_rank_min=2,
+        proj_dtype="float32",
+        proj_save_interval=3,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return GradExtArguments(**base)
+
+
+def test_training_rows_equal_standalone_projection_and_are_all_written(tmp_path):
+    model = make_tiny_gpt2(dtype=torch.float32)
+    data = _Blocks()
+    reference = KroneckerProjector(make_tiny_gpt2(dtype=torch.float32), rank_total=16, rank_min=2)
+    expected = torch.cat(
+        [reference.project({k: v[None] for k, v in data[i].items()}) for i in range(len(data))]
+    )
+    trainer = GradExtTrainer(
+        model=model, args=_args(tmp_path), train_dataset=data, data_collator=default_data_collator
+    )
+    trainer.train()
+    rows, ids, meta = load_projections(tmp_path / "out" / "projections")
+    # 2 steps x 2 microbatches x 2 samples = 8 rows; save_interval 3 -> shards of 6 and 2 rows
+    assert rows.shape == (8, meta["total_proj_dim"]) and ids == [-1] * 8
+    assert meta["proj_rank_total"] == 16 and meta["layers"][0]["k_i"] * meta["layers"][0]["k_o"] == 16
+    # rows of the first optimizer step were computed at the initial weights: each equals the
+    # standalone projection of one example (the HF window rescaling is undone exactly)
+    first = rows[:4].float()
+    dist = torch.cdist(first, expected)
+    assert float((dist.min(dim=1).values / expected.norm(dim=1).mean()).max()) < 1e-4
+    stats = json.loads((tmp_path / "out" / "projections" / "projection_stats.json").read_text())
+    assert stats["rows_written"] == 8 and stats["shards"] == 2
+
+
+def test_no_callback_without_flag(tmp_path):
+    trainer = GradExtTrainer(
+        model=make_tiny_gpt2(dtype=torch.float32),
+        args=_args(tmp_path, project_gradients=False),
+        train_dataset=_Blocks(),
+        data_collator=default_data_collator,
+    )
+    from hf_gradext.callbacks.projection import GradientProjectionCallback
+
+    assert not any(isinstance(c, GradientProjectionCallback) for c in trainer.callback_handler.callbacks)

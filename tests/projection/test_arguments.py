@@ -1,0 +1,63 @@
+import pytest
+
+from hf_gradext.arguments import GradExtArguments
+from hf_gradext.errors import UserFacingError
+
+
+def _args(**kw):
+    return GradExtArguments(output_dir="/tmp/hf_gradext_test_args", report_to=[], **kw)
+
+
+def test_defaults_match_issue():
+    a = _args()
+    assert (
+        a.project_gradients,
+        a.proj_layers,
+        a.proj_rank_total,
+        a.proj_rank_min,
+        a.proj_seed,
+        a.proj_dtype,
+    ) == (False, "mlp,attn", 256, 8, 42, "bfloat16")
+    assert not a.proj_row_orthonormal and not a.include_embeddings and a.proj_save_interval >= 1
+
+
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        ({"proj_dtype": "int8"}, "--proj_dtype"),
+        ({"proj_rank_min": 0}, "--proj_rank_min"),
+        ({"proj_rank_total": 10}, "--proj_rank_total"),
+        ({"proj_save_interval": 0}, "--proj_save_interval"),
+        ({"proj_layers": " , "}, "--proj_layers"),
+        ({"proj_layers": "mlp,(["}, "--proj_layers"),
+    ],
+)
+def test_bad_values_name_the_flag(kw, flag):
+    with pytest.raises(UserFacingError, match=flag.replace("-", r"\-")):
+        _args(**kw)
+
+
+def test_flags_parse_from_command_line():
+    from transformers import HfArgumentParser
+
+    (a,) = HfArgumentParser(GradExtArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "/tmp/x",
+            "--project_gradients",
+            "--proj_layers",
+            "transformer.h.0",
+            "--proj_dtype",
+            "float16",
+            "--proj_row_orthonormal",
+            "--include_embeddings",
+            "--proj_save_interval",
+            "5",
+            "--proj_output_dir",
+            "/tmp/p",
+            "--report_to",
+            "none",
+        ]
+    )
+    assert a.project_gradients and a.proj_layers == "transformer.h.0" and a.proj_dtype == "float16"
+    assert a.proj_row_orthonormal and a.include_embeddings and a.proj_save_interval == 5

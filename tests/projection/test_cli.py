@@ -1,0 +1,236 @@
+"""End-to-end ``hf-gradext project | full-grads | attribute`` on a tiny from-scratch GPT-2 (embedded corpus)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_gradext.projection import KroneckerProjector, load_projections
+from hf_gradext.projection.cli import attribute_main, full_grads_main, project_main
+from hf_gradext.projection.full_grads import load_full_grads
+from hf_gradext.store import iter_index
+
+MODEL = ["--config_overrides", "n_layer=2,n_embd=32,n_head=2", "--block_size", "16", "--seed", "3"]
+PROJ = [
+    "--proj_rank_total",
+    "16",
+    "--proj_rank_min",
+    "2",
+    "--proj_dtype",
+    "float32",
+    "--device",
+    "cpu",
+    "--disable_tqdm",
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _project(out, *extra):
+    return project_main([*MODEL, *PROJ, "--output_dir", str(out), *extra])
+
+
+def _subprocess_project(out, *extra, env=None):
+    cmd = [sys.executable, "-m", "hf_gradext.cli", "project", *MODEL, *PROJ, "--output_dir", str(out), *extra]
+    return subprocess.run(cmd, env=env or ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    assert _project(out, "--max_samples", "12", "--batch_size", "4", "--proj_save_interval", "2") == 0
+    return out
+
+
+def test_project_writes_rows_metadata_stats_and_snippets(reference_run):
+    rows, ids, meta = load_projections(reference_run)
+    assert (
+        ids == list(range(12)) and rows.shape == (12, meta["total_proj_dim"]) and rows.dtype == torch.float32
+    )
+    stats = json.loads((reference_run / "projection_stats.json").read_text())
+    assert stats["rows_in_directory"] == 12 and stats["tokens"] == 12 * 16 and stats["tokens_per_second"] > 0
+    run_config = json.loads((reference_run / "run_config.json").read_text())
+    assert run_config["projection"]["proj_rank_total"] == 16
+    index = [r for r in iter_index(reference_run, "proj")]
+    assert all(r["snippet"] for r in index)
+
+
+def test_rerun_skips_done_examples_and_rejects_other_settings(reference_run, capsys):
+    assert _project(reference_run, "--max_samples", "12", "--batch_size", "4") == 0
+    assert json.loads((reference_run / "projection_stats.json").read_text())["skipped_already_done"] == 12
+    assert _project(reference_run, "--max_samples", "12", "--proj_seed", "7") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_different_batch_size_gives_same_rows(reference_run, tmp_path):
+    assert _project(tmp_path, "--max_samples", "12", "--batch_size", "3") == 0
+    ref, _, _ = load_projections(reference_run)
+    rows, _, _ = load_projections(tmp_path)
+    torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_duplicates_or_gaps(reference_run, tmp_path):
+    args = ("--max_samples", "12", "--batch_size", "2", "--proj_save_interval", "1")
+    killed = _subprocess_project(tmp_path, *args, env={**ENV, "HF_GRADEXT_TEST_KILL_AFTER_BATCHES": "3"})
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    _, partial_ids, _ = load_projections(tmp_path)
+    assert partial_ids == list(range(6))
+    resumed = _subprocess_project(tmp_path, *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows, ids, _ = load_projections(tmp_path)
+    assert ids == list(range(12))  # no duplicate, no gap
+    ref, _, _ = load_projections(reference_run)
+    torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_accelerate_launch_gives_same_rows(reference_run, tmp_path):
+    out = tmp_path / "ddp"
+    # --multi_gpu with no visible GPU is how accelerate launches a 2-process gloo CPU group
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hf_gradext.cli",
+        "project",
+        *MODEL,
+        *PROJ,
+        "--output_dir",
+        str(out),
+        "--max_samples",
+        "12",
+        "--batch_size",
+        "4",
+    ]
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, ids, _ = load_projections(out)
+    ranks = {r["rank"] for r in iter_index(out, "proj")}
+    assert ranks == {0, 1} and ids == list(range(12))
+    ref, _, _ = load_projections(reference_run)
+    torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-6)
+    assert json.loads((out / "projection_stats.json").read_text())["world_size"] == 2
+
+
+def test_full_grads_naive_projection_equals_kronecker_rows(reference_run, tmp_path):
+    out = tmp_path / "fg"
+    assert (
+        full_grads_main(
+            [
+                *MODEL,
+                "--output_dir",
+                str(out),
+                "--max_samples",
+                "4",
+                "--batch_size",
+                "2",
+                "--layers",
+                "projected",
+                "--proj_metadata",
+                str(reference_run),
+            ]
+        )
+        == 0
+    )
+    grads, ids, meta = load_full_grads(out)
+    assert ids == [0, 1, 2, 3]
+    proj_meta = json.loads((reference_run / "metadata.json").read_text())
+    # naive projection of the exact weight gradients with P rebuilt from metadata.json
+    from hf_gradext.projection.kronecker import naive_project
+    from hf_gradext.projection.matrices import make_factors
+
+    parts = []
+    for layer in proj_meta["layers"]:
+        sl = meta["param_slices"][layer["weight_name"]]
+        g = grads[:, sl["start"] : sl["end"]].reshape(-1, *sl["shape"]).double()
+        p_in, p_out = make_factors(
+            layer["name"],
+            layer["d_in"],
+            layer["d_out"],
+            layer["k_i"],
+            layer["k_o"],
+            proj_meta["proj_seed"],
+            proj_meta["proj_method"],
+        )
+        parts.append(naive_project(g, p_in, p_out, layer["layout"]))
+    naive = torch.cat(parts, 1)
+    rows, _, _ = load_projections(reference_run)
+    assert float((rows[:4].double() - naive).abs().max() / naive.abs().max()) < 1e-4  # float32 model
+
+
+def test_attribute_writes_json_and_csv(reference_run, tmp_path):
+    query = tmp_path / "q"
+    assert _project(query, "--max_samples", "3", "--split", "validation") == 0
+    prefix = tmp_path / "attr"
+    assert (
+        attribute_main(
+            [
+                "--train",
+                str(reference_run),
+                "--query",
+                str(query),
+                "--top_k",
+                "4",
+                "--output",
+                str(prefix),
+                "--damping",
+                "0.1",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "attr.json").read_text())
+    assert len(result["results"]) == 3 and all(len(r["top"]) == 4 for r in result["results"])
+    assert all(r["top"][0]["snippet"] for r in result["results"])
+    lines = (tmp_path / "attr.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("query_example_id,rank,train_example_id,score") and len(lines) == 1 + 12
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    assert project_main([*MODEL, "--output_dir", str(tmp_path), "--proj_rank_total", "10"]) == 2
+    assert project_main([*MODEL, "--output_dir", str(tmp_path), "--proj_dtype", "int8"]) == 2
+    assert full_grads_main([*MODEL, "--output_dir", str(tmp_path)]) == 2
+    assert attribute_main(["--train", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+
+
+def test_projector_from_run_metadata_matches_stored_rows(reference_run):
+    """Rebuilding the projector from metadata.json on the same model reproduces the stored rows."""
+    from transformers import set_seed
+
+    from hf_gradext.arguments.model import ModelDataArguments
+    from hf_gradext.projection.dataset_pass import ProjectRunArguments, _load
+
+    margs = ModelDataArguments(config_overrides="n_layer=2,n_embd=32,n_head=2", block_size=16)
+    margs._validate_model_data()
+    set_seed(0)
+    _, data, model = _load(margs, ProjectRunArguments(max_samples=4, seed=3), 16)
+    proj = KroneckerProjector.from_metadata(reference_run, model.eval())
+    batch = {k: torch.as_tensor(data[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
+    rows, _, _ = load_projections(reference_run)
+    torch.testing.assert_close(proj.project(batch), rows[:4], rtol=1e-4, atol=1e-6)

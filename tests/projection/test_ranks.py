@@ -1,0 +1,48 @@
+import pytest
+
+from hf_gradext.errors import UserFacingError
+from hf_gradext.projection.ranks import split_rank
+
+
+def _brute(d_in, d_out, total, kmin):
+    """Oracle: enumerate every admissible pair and apply the documented rule."""
+    hi_i = max(kmin, min(d_in, total // kmin))
+    hi_o = max(kmin, min(d_out, total // kmin))
+    pairs = [(i, o) for i in range(kmin, hi_i + 1) for o in range(kmin, hi_o + 1)]
+    return min(pairs, key=lambda p: (abs(p[0] * p[1] - total), d_in * p[0] + d_out * p[1], p[0]))
+
+
+@pytest.mark.parametrize(
+    "d_in,d_out,total,kmin",
+    [
+        (768, 2304, 256, 8),
+        (768, 768, 256, 8),
+        (3072, 768, 256, 8),
+        (32, 96, 256, 8),
+        (50, 7, 100, 3),
+        (32, 128, 64, 4),
+        (5, 5, 64, 8),
+        (768, 768, 1000, 8),
+        (768, 768, 4096, 16),
+    ],
+)
+def test_split_rank_matches_brute_force_rule(d_in, d_out, total, kmin):
+    assert split_rank(d_in, d_out, total, kmin) == _brute(d_in, d_out, total, kmin)
+
+
+def test_split_rank_gpt2_small_values():
+    assert split_rank(768, 2304, 256, 8) == (32, 8)
+    assert split_rank(768, 768, 256, 8) == (16, 16)
+    assert split_rank(768, 3072, 256, 8) == (32, 8)
+    assert split_rank(3072, 768, 256, 8) == (8, 32)
+
+
+def test_split_rank_both_at_least_min():
+    k_i, k_o = split_rank(4, 4, 256, 8)
+    assert k_i >= 8 and k_o >= 8
+
+
+@pytest.mark.parametrize("total,kmin", [(32, 8), (10, 0)])
+def test_split_rank_rejects_bad_values(total, kmin):
+    with pytest.raises(UserFacingError, match="--proj_rank"):
+        split_rank(64, 64, total, kmin)
