@@ -1,14 +1,44 @@
-"""Architecture patches (Liger-Kernel style), dispatched by ``config.model_type``."""
+"""Architecture patches (Liger-Kernel style), dispatched by ``config.model_type``.
+
+Importing this package (``import hf_gradext`` does) installs the config-driven construction hooks
+for GPT-2, so saved patched models rebuild through ``from_pretrained``; stock configs are unaffected.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from hf_gradext.patches.gpt2 import apply_gradext_to_gpt2
+from hf_gradext.patches.gpt2_config import install_construction_hooks
+from hf_gradext.patches.mask_cache import clear_mask_cache, mask_cache_info
+from hf_gradext.patches.registry import apply_gradext
+
+install_construction_hooks()
+
 
 def apply_from_args(args: Any, model: Any) -> Any:
     """Apply the patches the ``GradExtArguments`` flags ask for to a freshly built/loaded model.
 
-    Called by ``hf_gradext.train`` right after the model is loaded or built; returns the model to use.
-    (Placeholder until the patches issue lands: returns the model unchanged.)
+    Called by ``hf_gradext.train`` right after the model is loaded or built (before peft wraps it);
+    returns the model to use. ``--gpt2_causal_mask_cache`` unset means "on for GPT-2, nothing
+    otherwise"; an explicit patch flag on a model without patches is a ``UserFacingError``.
     """
-    return model
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    causal = getattr(args, "gpt2_causal_mask_cache", None)
+    flags = {
+        "rms_norm": bool(getattr(args, "gpt2_rms_norm", False)),
+        "swiglu": bool(getattr(args, "gpt2_swiglu", False)),
+        "swiglu_hidden_size": getattr(args, "swiglu_hidden_size", None),
+    }
+    if model_type == "gpt2":
+        return apply_gradext(model, causal_mask_cache=True if causal is None else causal, **flags)
+    return apply_gradext(model, causal_mask_cache=causal, **flags)
+
+
+__all__ = [
+    "apply_from_args",
+    "apply_gradext",
+    "apply_gradext_to_gpt2",
+    "clear_mask_cache",
+    "mask_cache_info",
+]
