@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from hf_gradext.errors import UserFacingError
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": (
         "hf_gradext.train:main",
@@ -40,7 +42,12 @@ def run_entry(spec: str, argv: list[str]) -> int:
             print(f"error: `{spec}` is not available in this version of hf_gradext", file=sys.stderr)
             return 2
         raise
-    return int(getattr(module, func_name)(argv) or 0)
+    try:
+        return int(getattr(module, func_name)(argv) or 0)
+    except UserFacingError as exc:
+        # Subcommands may raise instead of returning 2: one line, no traceback, either way.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

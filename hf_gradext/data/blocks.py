@@ -1,0 +1,111 @@
+"""Tokenize raw text and group it into fixed-length blocks, as transformers' ``run_clm.py`` does.
+
+Differences from ``run_clm.py``, each on purpose:
+
+* an eos token is appended to every document before concatenation, so blocks that span two
+  documents carry a document boundary (GPT-2's tokenizer does not add one itself);
+* every block gets an ``example_id`` column: its index in the grouped dataset. It is stable for a
+  given data source, tokenizer, block size and sample cap, which is what per-sample gradient
+  stores and data attribution use to name a training example.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+from hf_gradext.errors import UserFacingError
+
+EXAMPLE_ID_COLUMN = "example_id"
+
+
+def text_column(dataset: Any, requested: str | None = None) -> str:
+    """The text column: ``requested`` if given, else ``"text"``, else the first column (run_clm.py)."""
+    columns = list(dataset.column_names)
+    if requested is not None:
+        if requested not in columns:
+            raise UserFacingError(
+                f"--text_column {requested!r} is not a column of the dataset (columns: {', '.join(columns)}); "
+                f"pick one of those"
+            )
+        return requested
+    return "text" if "text" in columns else columns[0]
+
+
+def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
+    """Concatenate token lists and cut them into ``block_size`` chunks; the remainder is dropped.
+
+    ``labels`` are a copy of ``input_ids`` (the model shifts them). Only list-valued token columns
+    (``input_ids``, ``attention_mask``, ...) are grouped.
+    """
+    concatenated = {k: list(chain.from_iterable(v)) for k, v in examples.items()}
+    total = (len(concatenated["input_ids"]) // block_size) * block_size
+    result = {
+        k: [t[i : i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()
+    }
+    result["labels"] = [list(x) for x in result["input_ids"]]
+    return result
+
+
+def tokenize_and_group(
+    dataset: Any,
+    tokenizer: Any,
+    block_size: int,
+    *,
+    column: str | None = None,
+    num_proc: int | None = None,
+    max_samples: int | None = None,
+    split_name: str = "train",
+    load_from_cache_file: bool = True,
+) -> Any:
+    """Tokenize ``dataset``'s text column, append eos per document, group into blocks, add ``example_id``.
+
+    Args:
+        dataset: a ``datasets.Dataset`` with a text column.
+        tokenizer: a fast HF tokenizer.
+        block_size: tokens per block (>= 1).
+        column: the text column (default: see :func:`text_column`).
+        num_proc: worker processes for ``Dataset.map``.
+        max_samples: keep only the first ``max_samples`` blocks (applied after grouping, as run_clm.py).
+        split_name: used in error messages.
+        load_from_cache_file: reuse ``datasets``' cache of earlier runs.
+
+    Returns:
+        A ``Dataset`` with ``input_ids``, ``attention_mask``, ``labels`` (all ``block_size`` long) and
+        ``example_id`` (0..N-1).
+    """
+    if block_size < 1:
+        raise UserFacingError(f"--block_size {block_size} must be >= 1")
+    col = text_column(dataset, column)
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        texts = ["" if t is None else str(t) for t in batch[col]]
+        # Documents are far longer than model_max_length before grouping; that is fine here.
+        out = tokenizer(texts, add_special_tokens=False, verbose=False)
+        if eos is not None:
+            out["input_ids"] = [ids + [eos] for ids in out["input_ids"]]
+            out["attention_mask"] = [m + [1] for m in out["attention_mask"]]
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    common = {"num_proc": num_proc, "load_from_cache_file": load_from_cache_file}
+    tokenized = dataset.map(
+        tokenize, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {split_name}", **common
+    )
+    n_tokens = sum(len(x) for x in tokenized["input_ids"])
+    blocks = tokenized.map(
+        group_texts,
+        batched=True,
+        batch_size=1000,
+        fn_kwargs={"block_size": block_size},
+        desc=f"grouping {split_name} into blocks of {block_size}",
+        **common,
+    )
+    if len(blocks) == 0:
+        raise UserFacingError(
+            f"the {split_name} set has {n_tokens} tokens, fewer than one block of --block_size {block_size}; "
+            f"use a smaller --block_size or more data"
+        )
+    if max_samples is not None:
+        blocks = blocks.select(range(min(max_samples, len(blocks))))
+    return blocks.add_column(EXAMPLE_ID_COLUMN, list(range(len(blocks))))

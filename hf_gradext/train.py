@@ -1,0 +1,168 @@
+"""``hf-gradext train`` / ``python -m hf_gradext.train`` / ``accelerate launch -m hf_gradext.train``.
+
+The ``run_clm.py`` flow with ``GradExtTrainer``: parse flags -> tokenizer -> config -> blocks ->
+model (+ patches, LoRA) -> train -> save model, tokenizer, metrics and trainer state -> evaluate
+(loss, perplexity, token accuracy). With no model and no data flags it trains the embedded default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+from hf_gradext.errors import UserFacingError
+
+logger = logging.getLogger("hf_gradext.train")
+_RESUME_LATEST = ("true", "latest", "last")
+
+
+def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: a path, or ``True``/``latest`` for the newest ``checkpoint-*`` in output_dir.
+
+    Raises:
+        UserFacingError: the path does not exist, or ``latest`` finds no checkpoint.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is None or str(resume).lower() in ("false", "none", ""):
+        return None
+    if str(resume).lower() in _RESUME_LATEST:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise UserFacingError(
+                f"--resume_from_checkpoint {resume}: no checkpoint-* directory in --output_dir {output_dir!r}; "
+                f"pass a checkpoint path or train without resuming first"
+            )
+        return last
+    if not os.path.isdir(resume):
+        raise UserFacingError(
+            f"--resume_from_checkpoint {resume!r} is not a directory; pass a checkpoint-* directory or 'latest'"
+        )
+    return resume
+
+
+def _check_output_dir(output_dir: str) -> None:
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserFacingError(
+            f"--output_dir {output_dir!r} is a file, not a directory; pass a directory path"
+        )
+
+
+def _setup_logging(args: Any) -> None:
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = args.get_process_log_level()
+    if args.log_level == "passive" and args.should_log:
+        # run_clm.py's habit: INFO on the main process so the run shows what it is doing.
+        level = logging.INFO
+    logger.setLevel(level)
+    logging.getLogger("hf_gradext").setLevel(level)
+    datasets.utils.logging.set_verbosity(min(level, logging.WARNING))
+    transformers.utils.logging.set_verbosity(level)
+    if level > logging.INFO:
+        datasets.utils.logging.disable_progress_bar()
+
+
+def run(args: Any) -> dict[str, float]:
+    """Train (and evaluate) with already parsed ``GradExtArguments``; returns the combined metrics."""
+    from transformers import EarlyStoppingCallback, default_data_collator, set_seed
+
+    from hf_gradext.data import build_datasets, load_tokenizer
+    from hf_gradext.metrics import (
+        build_compute_metrics,
+        load_metric,
+        perplexity,
+        preprocess_logits_for_metrics,
+    )
+    from hf_gradext.models import build_config, load_model, resolve_block_size
+    from hf_gradext.trainer import GradExtTrainer
+
+    _check_output_dir(args.output_dir)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    _setup_logging(args)
+    set_seed(args.seed)
+
+    # Rank 0 builds caches (tokenizer, datasets, metric module) first; the others then read them.
+    with args.main_process_first(desc="tokenizer and datasets"):
+        tokenizer = load_tokenizer(args)
+        config = build_config(args, tokenizer)
+        block_size = resolve_block_size(args, tokenizer, config)
+        train_ds, eval_ds = build_datasets(args, tokenizer, block_size=block_size)
+        metric = load_metric("token_accuracy") if eval_ds is not None else None
+    logger.info(
+        "blocks of %d tokens: %d train, %s eval", block_size, len(train_ds), len(eval_ds) if eval_ds else 0
+    )
+
+    model = load_model(args, tokenizer, config)
+
+    callbacks = []
+    if args.early_stopping_patience is not None:
+        if eval_ds is None:
+            raise UserFacingError(
+                "--early_stopping_patience needs an evaluation set; set --validation_split_percentage > 0 "
+                "or pass --validation_file"
+            )
+        callbacks.append(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
+    if eval_ds is None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
+        raise UserFacingError(
+            f"--eval_strategy {args.eval_strategy.value} needs an evaluation set; set --validation_split_percentage > 0, "
+            f"pass --validation_file, or use --eval_strategy no"
+        )
+
+    trainer = GradExtTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=build_compute_metrics(metric) if metric is not None else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if metric is not None else None,
+        callbacks=callbacks,
+    )
+
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()  # model + tokenizer (processing_class)
+    metrics = dict(result.metrics)
+    metrics["train_samples"] = len(train_ds)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    all_metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in metrics.items()}
+
+    if eval_ds is not None:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_ds)
+        eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        all_metrics.update(eval_metrics)
+    if not all(math.isfinite(v) for v in all_metrics.values() if isinstance(v, float)):
+        logger.warning("some metrics are not finite: %s", all_metrics)
+    return all_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (2 and one ``error:`` line on bad input)."""
+    from hf_gradext.arguments.parsing import parse_args
+
+    try:
+        args = parse_args(argv)
+        run(args)
+    except UserFacingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
