@@ -1,13 +1,16 @@
 """``GradExtTrainer``: a thin ``transformers.Trainer`` subclass.
 
-It owns three things and nothing else:
+It owns four things and nothing else:
 
 * the GQC step loop (delegated to :mod:`hf_gradext.gqc.loop` when ``args.gqc != "none"``);
 * *microbatch observers*: objects called right before and right after each microbatch's
   forward/backward inside ``training_step`` (the per-sample gradient engine arms its hooks here so
   numbers come out of the training backward itself);
 * attaching the feature callbacks (throughput, gradient collection, projection) that the
-  ``GradExtArguments`` flags switch on.
+  ``GradExtArguments`` flags switch on;
+* bookkeeping batch columns (``example_id``): kept in the batch for the microbatch observers when a
+  per-sample consumer is on, and stripped before every model forward (training, evaluation,
+  prediction), since the model must never see them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ CALLBACK_FACTORIES: tuple[str, ...] = (
     "hf_gradext.callbacks.collection:build_callback",
     "hf_gradext.callbacks.projection:build_callback",
 )
+
+# Dataset columns that name a sample for the per-sample consumers but are no model input. HF's
+# ``remove_unused_columns`` would drop them; GradExtTrainer keeps them for the observers and strips them
+# before the forward (unless the model's forward itself takes one).
+BOOKKEEPING_COLUMNS: tuple[str, ...] = ("example_id",)
 
 
 class MicrobatchObserver(Protocol):
@@ -46,11 +54,39 @@ class GradExtTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._microbatch_observers: list[MicrobatchObserver] = []
+        self._strip_keys = self._bookkeeping_keys_to_strip()
         for spec in CALLBACK_FACTORIES:
             module_name, func_name = spec.split(":")
             callback = getattr(importlib.import_module(module_name), func_name)(self)
             if callback is not None:
                 self.add_callback(callback)
+        if self._per_sample_on:
+            self._keep_bookkeeping_columns()
+
+    # ------------------------------------------------------------------ bookkeeping columns
+    @property
+    def _per_sample_on(self) -> bool:
+        """Whether a consumer of per-sample example ids (collection, projection) is switched on."""
+        return bool(
+            getattr(self.args, "collect_gradients", False) or getattr(self.args, "project_gradients", False)
+        )
+
+    def _bookkeeping_keys_to_strip(self) -> tuple[str, ...]:
+        """``BOOKKEEPING_COLUMNS`` the model's forward does not take (computed before any column is added)."""
+        self._set_signature_columns_if_needed()
+        return tuple(k for k in BOOKKEEPING_COLUMNS if k not in self._signature_columns)
+
+    def _keep_bookkeeping_columns(self) -> None:
+        """Let ``example_id`` through ``remove_unused_columns`` so the microbatch observers see it."""
+        for key in self._strip_keys:
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
+
+    def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` without the bookkeeping columns (the same dict when it has none)."""
+        if not any(k in inputs for k in self._strip_keys):
+            return inputs
+        return {k: v for k, v in inputs.items() if k not in self._strip_keys}
 
     # ------------------------------------------------------------------ microbatch observers
     def add_microbatch_observer(self, observer: MicrobatchObserver) -> None:
@@ -65,12 +101,21 @@ class GradExtTrainer(Trainer):
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
+        # Observers see the full batch (example ids included); the model sees model inputs only.
         for observer in self._microbatch_observers:
             observer.before_microbatch(self, inputs, num_items_in_batch)
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, self._model_inputs(inputs), num_items_in_batch)
         for observer in self._microbatch_observers:
             observer.after_microbatch(self, inputs, loss)
         return loss
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        # Also reached directly (subclasses, evaluation with labels): never forward bookkeeping columns.
+        return super().compute_loss(model, self._model_inputs(inputs), *args, **kwargs)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        # Evaluation batches carry example_id too when it was kept for training; the model must not see it.
+        return super().prediction_step(model, self._model_inputs(inputs), *args, **kwargs)
 
     # ------------------------------------------------------------------ GQC
     # With --gqc none none of these change anything: each one falls through to HF's method.

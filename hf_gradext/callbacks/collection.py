@@ -262,20 +262,11 @@ class _ObserverAdapter:
         self.callback.after_microbatch(trainer, inputs, loss)
 
 
-def _keep_example_id_column(trainer: Any) -> None:
-    """Let an ``example_id`` dataset column through ``remove_unused_columns`` (the model ignores it)."""
-    if not getattr(trainer.args, "remove_unused_columns", False):
-        return
-    trainer._set_signature_columns_if_needed()
-    if "example_id" not in trainer._signature_columns:
-        trainer._signature_columns.append("example_id")
-
-
 def build_callback(trainer: Any) -> PerSampleGradientCallback | None:
     """Return the callback the trainer's args ask for, or None."""
     if not getattr(trainer.args, "collect_gradients", False):
         return None
+    # GradExtTrainer keeps the dataset's example_id column in the batch for us (and away from the model).
     callback = PerSampleGradientCallback(trainer)
-    _keep_example_id_column(trainer)
     trainer.add_microbatch_observer(_ObserverAdapter(callback))
     return callback

@@ -6,7 +6,10 @@ Differences from ``run_clm.py``, each on purpose:
   documents carry a document boundary (GPT-2's tokenizer does not add one itself);
 * every block gets an ``example_id`` column: its index in the grouped dataset. It is stable for a
   given data source, tokenizer, block size and sample cap, which is what per-sample gradient
-  stores and data attribution use to name a training example.
+  stores and data attribution use to name a training example;
+* no ``attention_mask`` column: blocks are cut from one concatenated stream and never padded, so the
+  mask would be all ones. GPT-2 without a mask is exactly the causal, no-padding case, and passing an
+  all-ones mask costs a host-device sync per forward with sdpa (see ``docs/patches.md``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def text_column(dataset: Any, requested: str | None = None) -> str:
 def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
     """Concatenate token lists and cut them into ``block_size`` chunks; the remainder is dropped.
 
-    ``labels`` are a copy of ``input_ids`` (the model shifts them). Only list-valued token columns
-    (``input_ids``, ``attention_mask``, ...) are grouped.
+    ``labels`` are a copy of ``input_ids`` (the model shifts them). Every list-valued token column
+    given (``input_ids``, and ``attention_mask`` etc. if present) is grouped.
     """
     concatenated = {k: list(chain.from_iterable(v)) for k, v in examples.items()}
     total = (len(concatenated["input_ids"]) // block_size) * block_size
@@ -71,8 +74,8 @@ def tokenize_and_group(
         load_from_cache_file: reuse ``datasets``' cache of earlier runs.
 
     Returns:
-        A ``Dataset`` with ``input_ids``, ``attention_mask``, ``labels`` (all ``block_size`` long) and
-        ``example_id`` (0..N-1).
+        A ``Dataset`` with ``input_ids``, ``labels`` (both ``block_size`` long) and ``example_id``
+        (0..N-1); no ``attention_mask`` (see the module doc).
     """
     if block_size < 1:
         raise UserFacingError(f"--block_size {block_size} must be >= 1")
@@ -82,11 +85,10 @@ def tokenize_and_group(
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         texts = ["" if t is None else str(t) for t in batch[col]]
         # Documents are far longer than model_max_length before grouping; that is fine here.
-        out = tokenizer(texts, add_special_tokens=False, verbose=False)
+        out = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)
         if eos is not None:
             out["input_ids"] = [ids + [eos] for ids in out["input_ids"]]
-            out["attention_mask"] = [m + [1] for m in out["attention_mask"]]
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        return {"input_ids": out["input_ids"]}
 
     common = {"num_proc": num_proc, "load_from_cache_file": load_from_cache_file}
     tokenized = dataset.map(

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from transformers import default_data_collator
 
@@ -78,3 +79,27 @@ def test_no_callback_without_flag(tmp_path):
     from hf_gradext.callbacks.projection import GradientProjectionCallback
 
     assert not any(isinstance(c, GradientProjectionCallback) for c in trainer.callback_handler.callbacks)
+
+
+def test_bad_layer_selection_names_the_flag(tmp_path):
+    from hf_gradext.errors import UserFacingError
+
+    with pytest.raises(UserFacingError, match=r"^--proj_layers=nosuch: .*matches no module"):
+        GradExtTrainer(
+            model=make_tiny_gpt2(dtype=torch.float32),
+            args=_args(tmp_path, proj_layers="nosuch"),
+            train_dataset=_Blocks(),
+        )
+
+
+def test_peft_model_with_default_layers_projects_the_lora_layers(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_gradext.callbacks.projection import resolve_proj_layers
+
+    args = _args(tmp_path)
+    dense = make_tiny_gpt2(dtype=torch.float32)
+    assert resolve_proj_layers(args, dense) == "mlp,attn"
+    lora = get_peft_model(make_tiny_gpt2(dtype=torch.float32), LoraConfig(r=2, target_modules=["c_attn"]))
+    assert resolve_proj_layers(args, lora) == "lora"
+    assert resolve_proj_layers(_args(tmp_path, proj_layers="attn"), lora) == "attn"  # explicit: as given

@@ -231,6 +231,6 @@ def test_projector_from_run_metadata_matches_stored_rows(reference_run):
     set_seed(0)
     _, data, model = _load(margs, ProjectRunArguments(max_samples=4, seed=3), 16)
     proj = KroneckerProjector.from_metadata(reference_run, model.eval())
-    batch = {k: torch.as_tensor(data[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
+    batch = {k: torch.as_tensor(data[:4][k]) for k in ("input_ids", "labels")}  # blocks: no mask
     rows, _, _ = load_projections(reference_run)
     torch.testing.assert_close(proj.project(batch), rows[:4], rtol=1e-4, atol=1e-6)
