@@ -117,8 +117,8 @@ def _assert_grads_equal_oracle(collected, model, blocks, step: int) -> None:
 
 
 def _assert_rows_equal_projection(directory: Path, model, blocks, step: int) -> None:
-    """Stored rows of ``step`` (projection's step = optimizer steps done before the microbatch) at the
-    initial weights == a standalone projection of the same blocks."""
+    """Stored rows of ``step`` (the optimizer step the microbatch feeds into) at the initial weights
+    == a standalone projection of the same blocks."""
     rows, ids, meta = load_projections(directory, sort_by_id=False)
     index = _projection_index(directory)
     pick = [j for j, r in enumerate(index) if r["step"] == step]
@@ -137,11 +137,11 @@ def test_projection_only_stores_real_example_ids_and_model_never_sees_them(tmp_p
     rows, ids, _ = load_projections(out / "projections", sort_by_id=False)
     assert ids == list(range(3 * BATCH))  # sequential sampler: blocks 0..11, no -1
     assert [r["step"] for r in _projection_index(out / "projections")] == [
-        s for s in range(3) for _ in range(BATCH)
+        s for s in range(1, 4) for _ in range(BATCH)
     ]
     model, blocks = _initial(argv)
     assert blocks["example_id"][: 3 * BATCH] == ids
-    _assert_rows_equal_projection(out / "projections", model, blocks, step=0)
+    _assert_rows_equal_projection(out / "projections", model, blocks, step=1)
 
 
 def test_collection_full_stores_real_example_ids_with_the_random_sampler(tmp_path, forward_spy):
@@ -214,12 +214,12 @@ def test_gqc_with_collection_and_projection(tmp_path, forward_spy):
     assert [(s["step"], s["example_id"]) for s in data.samples] == [
         (1 + i // window, i) for i in range(2 * window)
     ]
-    # projection: step = optimizer steps completed before the microbatch (0 for the whole first window)
+    # projection: the same step convention
     index = _projection_index(out / "projections")
-    assert [(r["step"], r["example_id"]) for r in index] == [(i // window, i) for i in range(2 * window)]
+    assert [(r["step"], r["example_id"]) for r in index] == [(1 + i // window, i) for i in range(2 * window)]
     model, blocks = _initial(argv)
     _assert_grads_equal_oracle(data, model, blocks, step=1)
-    _assert_rows_equal_projection(out / "projections", model, blocks, step=0)
+    _assert_rows_equal_projection(out / "projections", model, blocks, step=1)
 
 
 def test_rmsnorm_swiglu_with_collection_and_projection(tmp_path, forward_spy):
@@ -250,7 +250,7 @@ def test_rmsnorm_swiglu_with_collection_and_projection(tmp_path, forward_spy):
     _assert_grads_equal_oracle(data, model, blocks, step=1)
     _, ids, meta = load_projections(out / "projections", sort_by_id=False)
     assert ids == list(range(2 * BATCH)) and any("gate_proj" in b["name"] for b in meta["layers"])
-    _assert_rows_equal_projection(out / "projections", model, blocks, step=0)
+    _assert_rows_equal_projection(out / "projections", model, blocks, step=1)
 
 
 def test_lora_with_projection_defaults_to_the_lora_layers(tmp_path, forward_spy):
@@ -264,7 +264,7 @@ def test_lora_with_projection_defaults_to_the_lora_layers(tmp_path, forward_spy)
     assert ids == list(range(2 * BATCH)) and rows.shape[0] == 2 * BATCH
     assert meta["proj_layers"] == "lora" and all("lora_" in b["name"] for b in meta["layers"])
     model, blocks = _initial(argv)
-    _assert_rows_equal_projection(out / "projections", model, blocks, step=0)
+    _assert_rows_equal_projection(out / "projections", model, blocks, step=1)
 
 
 def test_activation_checkpointing_with_collection(tmp_path, forward_spy):

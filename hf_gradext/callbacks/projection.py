@@ -6,9 +6,10 @@ gradient is materialized, no extra forward/backward). Rows are buffered and writ
 ``--proj_save_interval`` microbatches (never dropped) and flushed at the end of training.
 
 Index rows: ``example_id`` (the dataset's ``example_id`` column when the batch carries it, else -1),
-``position`` (running sample counter of this rank), ``step`` (optimizer steps completed before this
-microbatch), ``epoch``, ``rank``. Resuming from a checkpoint at step S first removes rows with
-``step >= S`` written by this rank (they are recomputed), so no step is duplicated or missing.
+``position`` (running sample counter of this rank), ``step`` (the optimizer step this microbatch's
+gradient feeds into: ``global_step + 1`` during the window, the same convention as gradient collection),
+``epoch``, ``rank``. Resuming from a checkpoint at step S first removes rows with ``step > S`` written by
+this rank (they are recomputed), so no step is duplicated or missing.
 """
 
 from __future__ import annotations
@@ -93,10 +94,10 @@ class GradientProjectionCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         os.makedirs(self.directory, exist_ok=True)
         if state.global_step > 0:  # resumed from a checkpoint: rows of re-run steps are rewritten
-            removed = prune_rows_from_step(self.directory, self.rank, state.global_step)
+            removed = prune_rows_from_step(self.directory, self.rank, state.global_step + 1)
             if removed:
                 logger.info(
-                    "projection: removed %d rows of steps >= %d (re-run after resume)",
+                    "projection: removed %d rows of steps > %d (re-run after resume)",
                     removed,
                     state.global_step,
                 )
@@ -121,7 +122,7 @@ class GradientProjectionCallback(TrainerCallback):
             {
                 "example_id": int(ids[i]),
                 "position": self.position + i,
-                "step": int(state.global_step),
+                "step": int(state.global_step) + 1,  # the optimizer step this gradient feeds into
                 "epoch": float(state.epoch or 0.0),
                 "rank": self.rank,
             }

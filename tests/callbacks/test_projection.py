@@ -103,3 +103,44 @@ def test_peft_model_with_default_layers_projects_the_lora_layers(tmp_path):
     lora = get_peft_model(make_tiny_gpt2(dtype=torch.float32), LoraConfig(r=2, target_modules=["c_attn"]))
     assert resolve_proj_layers(args, lora) == "lora"
     assert resolve_proj_layers(_args(tmp_path, proj_layers="attn"), lora) == "attn"  # explicit: as given
+
+
+class _BlocksWithIds(_Blocks):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "example_id": torch.tensor(i)}
+
+
+def _index(directory):
+    from hf_gradext.projection.io import PREFIX
+    from hf_gradext.store import list_shards, read_shard_header
+
+    return [
+        (r["step"], r["example_id"])
+        for s in list_shards(directory, PREFIX)
+        for r in read_shard_header(s.path)[0]
+    ]
+
+
+def test_resume_rewrites_rerun_steps_without_duplicates_or_gaps(tmp_path):
+    """Steps after the checkpoint are pruned and re-projected: the index equals an uninterrupted run's."""
+    data = _BlocksWithIds(n=16)
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, proj_save_interval=1)
+
+    def run(out, resume=None, max_steps=4):
+        args = _args(tmp_path, output_dir=str(tmp_path / out), **{**common, "max_steps": max_steps})
+        trainer = GradExtTrainer(
+            model=make_tiny_gpt2(dtype=torch.float32),
+            args=args,
+            train_dataset=data,
+            data_collator=default_data_collator,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+
+    run("full")
+    full = _index(tmp_path / "full" / "projections")
+    assert sorted({s for s, _ in full}) == [1, 2, 3, 4] and len(full) == 4 * 4
+
+    run("cut")  # a complete run whose steps 3-4 are then re-run from checkpoint-2
+    run("cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
+    resumed = sorted(_index(tmp_path / "cut" / "projections"))
+    assert resumed == sorted(full)
