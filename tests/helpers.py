@@ -37,9 +37,25 @@ def make_tiny_gpt2(
     n_layer: int = 2,
     n_embd: int = 32,
     n_head: int = 2,
+    dropout: float = 0.0,
+    dtype: torch.dtype | None = None,
+    perturb: float = 0.0,
+    training: bool | None = None,
     **overrides: Any,
 ):
-    """A deterministic tiny ``GPT2LMHeadModel`` (dropout off, so forward passes are reproducible)."""
+    """A deterministic tiny ``GPT2LMHeadModel`` (dropout off by default, so forward passes are reproducible).
+
+    Args:
+        tie: tie ``lm_head`` to the token embedding.
+        seed: ``torch.manual_seed`` set right before the weights are drawn.
+        dropout: resid/embd/attn dropout probability.
+        dtype: cast the model to this dtype (``None``: leave float32).
+        perturb: add ``perturb * N(0, 1)`` to every bias and LayerNorm parameter (drawn after the weights,
+            from the same seeded stream) so that formulas involving them are exercised (HF inits them to
+            0 / 1).
+        training: ``True`` / ``False`` put the model in train / eval mode; ``None`` leaves HF's default.
+        overrides: any other ``GPT2Config`` field (``bos_token_id``, ...).
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -48,46 +64,73 @@ def make_tiny_gpt2(
         n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         tie_word_embeddings=tie,
         **overrides,
     )
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or ".ln_" in name:
+                    p.add_(perturb * torch.randn_like(p))
+    if training is not None:
+        model.train(training)
+    return model
 
 
 def make_ragged_batch(
-    batch_size: int = 3,
-    seq_len: int = 8,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
     vocab_size: int = 97,
-    lengths: list[int] | None = None,
+    lengths: list[int] | tuple[int, ...] | None = None,
     seed: int = 0,
     pad_id: int = 0,
+    min_token: int = 1,
+    prompt: int = 0,
+    position_ids: bool = True,
+    example_id_start: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A right-padded causal-LM batch with per-sample lengths.
 
-    Returns ``input_ids``/``attention_mask``/``labels``/``position_ids``, all (B, T); padded positions
-    have ``attention_mask == 0`` and ``labels == -100``; ``position_ids`` count 0.. per sample.
-    Default lengths: ``seq_len, seq_len - 1, ...`` (at least 2).
+    Returns ``input_ids``/``attention_mask``/``labels`` (+ ``position_ids``, + ``example_id``), all (B, T)
+    except ``example_id`` (B,); padded positions have ``attention_mask == 0`` and ``labels == -100``.
+
+    Args:
+        batch_size: B (default: ``len(lengths)``, else 3).
+        seq_len: T (default: ``max(lengths)``, else 8).
+        lengths: valid tokens per sample; default ``seq_len, seq_len - 1, ...`` (at least 2).
+        seed: seed of the token generator (tokens are drawn for the full (B, T) grid, then padded).
+        min_token: smallest token id drawn (1 keeps the pad id 0 out of the real tokens).
+        prompt: additionally mask the labels of the first ``prompt`` positions (a prompt prefix).
+        position_ids: include ``position_ids`` counting 0.. per sample.
+        example_id_start: include ``example_id = example_id_start + arange(B)``.
     """
+    if batch_size is None:
+        batch_size = len(lengths) if lengths is not None else 3
+    if seq_len is None:
+        seq_len = max(lengths) if lengths is not None else 8
     g = torch.Generator().manual_seed(seed)
     if lengths is None:
         lengths = [max(2, seq_len - i) for i in range(batch_size)]
     if len(lengths) != batch_size or max(lengths) > seq_len or min(lengths) < 1:
         raise ValueError(f"lengths {lengths} do not fit batch_size={batch_size}, seq_len={seq_len}")
-    input_ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)  # (B, T)
+    input_ids = torch.randint(min_token, vocab_size, (batch_size, seq_len), generator=g)  # (B, T)
     mask = torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
     input_ids = input_ids.masked_fill(~mask, pad_id)
     labels = input_ids.masked_fill(~mask, -100)
-    position_ids = torch.arange(seq_len).expand(batch_size, seq_len).clone()  # (B, T)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask.long(),
-        "labels": labels,
-        "position_ids": position_ids,
-    }
+    labels[:, :prompt] = -100
+    batch = {"input_ids": input_ids, "attention_mask": mask.long(), "labels": labels}
+    if position_ids:
+        batch["position_ids"] = torch.arange(seq_len).expand(batch_size, seq_len).clone()  # (B, T)
+    if example_id_start is not None:
+        batch["example_id"] = torch.arange(batch_size) + example_id_start  # (B,)
+    return batch
 
 
 def run_module(

@@ -26,3 +26,24 @@ def test_make_ragged_batch_padding_contract():
 
 def test_logged_losses():
     assert logged_losses([{"loss": 2.0}, {"eval_loss": 1.0}, {"loss": 1.5}]) == [2.0, 1.5]
+
+
+def test_make_tiny_gpt2_options():
+    plain = make_tiny_gpt2(seed=1)
+    model = make_tiny_gpt2(seed=1, dtype=torch.float64, perturb=0.1, training=False, dropout=0.2)
+    assert model.dtype == torch.float64 and not model.training and model.config.attn_pdrop == 0.2
+    ref = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p.float(), ref[name])
+        # perturb touches exactly the biases and LayerNorm params; the weights are the same seeded draw
+        assert moved == (name.endswith("bias") or ".ln_" in name), name
+
+
+def test_make_ragged_batch_options():
+    batch = make_ragged_batch(
+        lengths=(5, 3), seed=2, min_token=0, prompt=2, position_ids=False, example_id_start=7
+    )
+    assert list(batch) == ["input_ids", "attention_mask", "labels", "example_id"]
+    assert batch["input_ids"].shape == (2, 5) and batch["example_id"].tolist() == [7, 8]
+    assert (batch["labels"][:, :2] == -100).all() and batch["labels"][0, 2:].ne(-100).all()
+    assert (batch["labels"][1, 3:] == -100).all() and (batch["input_ids"][1, 3:] == 0).all()

@@ -45,6 +45,9 @@ TINY = [
 ]  # fmt: skip
 SEQUENTIAL = ["--train_sampling_strategy", "sequential"]
 PROJECT = ["--project_gradients", "--proj_dtype", "float32"]  # fp32 storage: exact oracle comparisons
+COLLECT_FULL = [
+    "--collect_gradients", "--gradient_collection_steps", "1", "--gradient_collection_save", "full",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -146,8 +149,7 @@ def test_projection_only_stores_real_example_ids_and_model_never_sees_them(tmp_p
 
 def test_collection_full_stores_real_example_ids_with_the_random_sampler(tmp_path, forward_spy):
     out = tmp_path / "collect"
-    flags = ["--collect_gradients", "--gradient_collection_steps", "1", "--gradient_collection_save", "full"]
-    argv = _train(out, "--max_steps", "2", *flags)
+    argv = _train(out, "--max_steps", "2", *COLLECT_FULL)
     _assert_no_example_id_in_forward(forward_spy)
     data = load_gradients(out / "gradients")
     ids = [s["example_id"] for s in data.samples]
@@ -224,20 +226,13 @@ def test_gqc_with_collection_and_projection(tmp_path, forward_spy):
 
 def test_rmsnorm_swiglu_with_collection_and_projection(tmp_path, forward_spy):
     out = tmp_path / "patched"
-    collect = [
-        "--collect_gradients",
-        "--gradient_collection_steps",
-        "1",
-        "--gradient_collection_save",
-        "full",
-    ]
     argv = _train(
         out,
         "--max_steps",
         "2",
         "--gpt2_rms_norm",
         "--gpt2_swiglu",
-        *collect,
+        *COLLECT_FULL,
         *PROJECT,
         *SEQUENTIAL,
     )
@@ -269,14 +264,7 @@ def test_lora_with_projection_defaults_to_the_lora_layers(tmp_path, forward_spy)
 
 def test_activation_checkpointing_with_collection(tmp_path, forward_spy):
     out = tmp_path / "ckpt"
-    collect = [
-        "--collect_gradients",
-        "--gradient_collection_steps",
-        "1",
-        "--gradient_collection_save",
-        "full",
-    ]
-    argv = _train(out, "--max_steps", "2", "--activation_checkpointing", "true", *collect, *SEQUENTIAL)
+    argv = _train(out, "--max_steps", "2", "--activation_checkpointing", "true", *COLLECT_FULL, *SEQUENTIAL)
     _assert_no_example_id_in_forward(forward_spy)
     data = load_gradients(out / "gradients")
     assert data.steps == [1, 2] and [s["example_id"] for s in data.samples] == list(range(2 * BATCH))

@@ -21,10 +21,7 @@ threads. Results go to a long-format CSV next to this file (``bench_collection.c
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
-import os
 import re
 import shutil
 import statistics
@@ -34,10 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 1000, "n_positions": 128},
-    "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
-}
+import _common
+
+CONFIGS = _common.GPT2_SIZES
 # variant -> collection flags (None: no collection)
 VARIANTS: dict[str, dict | None] = {
     "none": None,
@@ -94,13 +90,11 @@ def run_variant(
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
+            _common.sync(args.device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
+            _common.sync(args.device)
             times.append(time.perf_counter() - self.t0)
 
     out = workdir / name
@@ -167,14 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    import transformers
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_collection_"))
     workdir.mkdir(parents=True, exist_ok=True)
     disk = dd_write_speed(workdir, args.dd_mib)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     config = json.dumps(
         {
             "model": args.model,
@@ -190,15 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             "budget_mb": args.budget_mb,
         }
     )
-    base = {
-        "benchmark": "collection",
-        "device": device,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "config": config,
-    }
-    records = [{**base, "variant": "disk", "metric": "dd_seq_write", "value": disk, "unit": "MiB/s"}]
+    base = {"benchmark": "collection", **_common.run_metadata(args.device, cpu_cores=True), "config": config}
+    records = [_common.row(base, "disk", "dd_seq_write", disk, "MiB/s")]
     names = args.variants.split(",")
     raw: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     for round_ in range(args.rounds):
@@ -219,47 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, res in results.items():
         for metric, value in res.items():
             unit = "s" if metric.endswith("_s") else "MiB"
-            records.append({**base, "variant": name, "metric": metric, "value": value, "unit": unit})
+            records.append(_common.row(base, name, metric, value, unit))
         if plain:
             ratio = res["step_time_min_s"] / plain
-            records.append(
-                {**base, "variant": name, "metric": "step_time_ratio_min", "value": ratio, "unit": "x"}
-            )
+            records.append(_common.row(base, name, "step_time_ratio_min", ratio, "x"))
             ratio = res["step_time_median_s"] / plain_median
-            records.append(
-                {**base, "variant": name, "metric": "step_time_ratio_median", "value": ratio, "unit": "x"}
-            )
+            records.append(_common.row(base, name, "step_time_ratio_median", ratio, "x"))
         if "bytes_per_step_mb" in res:
             rate = res["bytes_per_step_mb"] / res["step_time_min_s"]
-            records.append({**base, "variant": name, "metric": "write_rate", "value": rate, "unit": "MiB/s"})
-            records.append(
-                {
-                    **base,
-                    "variant": name,
-                    "metric": "write_rate_vs_dd",
-                    "value": rate / disk,
-                    "unit": "fraction",
-                }
-            )
-    fields = [
-        "benchmark",
-        "variant",
-        "metric",
-        "value",
-        "unit",
-        "device",
-        "torch",
-        "transformers",
-        "date",
-        "config",
-    ]
-    out = Path(args.out)
-    new = not out.exists()
-    with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(records)
+            records.append(_common.row(base, name, "write_rate", rate, "MiB/s"))
+            records.append(_common.row(base, name, "write_rate_vs_dd", rate / disk, "fraction"))
+    out = _common.write_csv(args.out, records, append=True)
     for r in records:
         print(f"{r['variant']:<11} {r['metric']:<26} {r['value']:>12.4g} {r['unit']}")
     print(f"appended {len(records)} rows to {out}")

@@ -21,16 +21,12 @@ Writes a long-format CSV next to this script (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import datetime
 import json
 import statistics
-import time
 from pathlib import Path
 
+import _common
 import torch
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import masking_utils as hf_masking
 
@@ -49,11 +45,6 @@ VARIANTS = {  # name -> (causal_mask_cache, rms_norm, swiglu, compile)
     "all": (True, True, True, False),
     "all_compile": (True, True, True, True),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _build(opts: argparse.Namespace, rms_norm: bool, swiglu: bool, attn: str) -> GPT2LMHeadModel:
@@ -88,34 +79,11 @@ class Runner:
 
     def step(self) -> None:
         (mask_cache.install_mask_cache if self.cache else mask_cache.uninstall_mask_cache)()
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        )
-        with autocast:
+        with _common.autocast(self.device.type, self.bf16):
             loss = self.forward(**self.batch).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-
-    def time_rep(self, steps: int) -> float:
-        """Seconds per step, mean over ``steps`` (device-synchronized at both ends)."""
-        _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        _sync(self.device)
-        return (time.perf_counter() - start) / steps
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "q1": q[0],
-        "q3": q[2],
-    }
 
 
 def bench_patches(opts: argparse.Namespace, emit) -> None:
@@ -128,26 +96,36 @@ def bench_patches(opts: argparse.Namespace, emit) -> None:
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(opts.warmup):
                 runner.step()
-            _sync(runner.device)
+            _common.sync(opts.device)
             if opts.device == "cuda":
                 emit("patches", name, "peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB")
             runners[name] = runner
             emit("patches", name, "parameters", runner.params, "count")
         except Exception as exc:  # e.g. torch.compile without a working toolchain: record, go on
             emit("patches", name, "failed", 1, repr(exc)[:200])
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(opts.reps):
-        for name, runner in runners.items():
-            times[name].append(runner.time_rep(opts.steps))
+    # One sample = mean ms per step over ``--steps`` steps; variants interleaved rep by rep.
+    steps = {name: runner.step for name, runner in runners.items()}
+    times = _common.time_interleaved(steps, rounds=opts.reps, inner=opts.steps, device=opts.device)
     tokens = opts.batch * opts.seq
     stock = statistics.median(times["stock"]) if "stock" in times else None
     for name, values in times.items():
-        for stat, value in _stats(values).items():
-            emit("patches", name, f"step_time_{stat}", value * 1e3, "ms")
+        for stat, value in _common.summarize(values, quartiles=True).items():
+            emit("patches", name, f"step_time_{stat}", value, "ms")
         median = statistics.median(values)
-        emit("patches", name, "tokens_per_s", tokens / median, "tokens/s")
+        emit("patches", name, "tokens_per_s", tokens / median * 1e3, "tokens/s")
         if stock:
             emit("patches", name, "speedup_vs_stock", stock / median, "x")
+
+
+def _mask_call(config, embeds, attention_mask, seq: int, device: torch.device, cached: bool):
+    """One ``create_causal_mask`` call as GPT2Model makes it: default positions (the cached arange when
+    the cache is on; stock GPT2Model builds its positions every forward)."""
+    if cached:
+        positions = mask_cache.default_position_ids(seq, device)
+        return lambda: mask_cache.cached_create_causal_mask(config, embeds, attention_mask, None, positions)
+    return lambda: hf_masking.create_causal_mask(
+        config, embeds, attention_mask, None, torch.arange(seq, device=device)[None]
+    )
 
 
 def bench_mask(opts: argparse.Namespace, emit) -> None:
@@ -164,34 +142,22 @@ def bench_mask(opts: argparse.Namespace, emit) -> None:
                 with torch.no_grad(), HostSyncCounter() as counter:
                     model(**{k: v for k, v in batch.items() if k != "labels"})
                 emit("mask", variant, "host_syncs_per_forward", counter.count, "count")
-                # The call GPT2Model makes: default positions (the cached arange when the cache is on).
-                positions = (
-                    mask_cache.default_position_ids(opts.seq, device)
-                    if cached
-                    else torch.arange(opts.seq, device=device)[None]
-                )
-                create = mask_cache.cached_create_causal_mask if cached else hf_masking.create_causal_mask
-                per_call = []
-                for _ in range(opts.reps):
-                    _sync(device)
-                    start = time.perf_counter()
-                    for _ in range(opts.mask_calls):
-                        if not cached:  # stock GPT2Model builds its positions every forward too
-                            positions = torch.arange(opts.seq, device=device)[None]
-                        create(model.config, embeds, am, None, positions)
-                    _sync(device)
-                    per_call.append((time.perf_counter() - start) / opts.mask_calls)
-                for stat, value in _stats(per_call).items():
-                    emit("mask", variant, f"mask_call_{stat}", value * 1e6, "us")
-                for _ in range(opts.warmup):
-                    runner.cache = cached
-                    runner.step()
-                steps = []
-                for _ in range(opts.reps):
-                    runner.cache = cached
-                    steps.append(runner.time_rep(opts.steps))
-                for stat, value in _stats(steps).items():
-                    emit("mask", variant, f"step_time_{stat}", value * 1e3, "ms")
+                create_mask = _mask_call(model.config, embeds, am, opts.seq, device, cached)
+                per_call = _common.time_interleaved(
+                    {variant: create_mask}, rounds=opts.reps, inner=opts.mask_calls, device=opts.device
+                )[variant]  # ms per call
+                for stat, value in _common.summarize(per_call, quartiles=True).items():
+                    emit("mask", variant, f"mask_call_{stat}", value * 1e3, "us")
+                runner.cache = cached
+                steps = _common.time_interleaved(
+                    {variant: runner.step},
+                    rounds=opts.reps,
+                    inner=opts.steps,
+                    warmup=opts.warmup,
+                    device=opts.device,
+                )[variant]  # ms per step
+                for stat, value in _common.summarize(steps, quartiles=True).items():
+                    emit("mask", variant, f"step_time_{stat}", value, "ms")
             mask_cache.uninstall_mask_cache()
 
 
@@ -213,31 +179,15 @@ def main(argv: list[str] | None = None) -> None:
     if opts.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    device_name = torch.cuda.get_device_name() if opts.device == "cuda" else "cpu"
     config = json.dumps(
         {k: getattr(opts, k) for k in ("model", "seq", "batch", "bf16", "reps", "steps", "warmup")}
         | {"threads": torch.get_num_threads()}
     )
-    common = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "config": config,
-    }
+    common = {**_common.run_metadata(opts.device), "config": config}
     rows: list[dict] = []
 
     def emit(benchmark: str, variant: str, metric: str, value: float, unit: str) -> None:
-        rows.append(
-            {
-                "benchmark": benchmark,
-                "variant": variant,
-                "metric": metric,
-                "value": round(value, 4),
-                "unit": unit,
-                **common,
-            }
-        )
+        rows.append(_common.row({"benchmark": benchmark, **common}, variant, metric, round(value, 4), unit))
         print(f"{benchmark:8s} {variant:26s} {metric:24s} {value:12.4f} {unit}", flush=True)
 
     parts = opts.parts.split(",")
@@ -245,13 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_patches(opts, emit)
     if "mask" in parts:
         bench_mask(opts, emit)
-    out = Path(opts.out)
-    tmp = out.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out)
+    out = _common.write_csv(opts.out, rows)
     print(f"wrote {len(rows)} rows to {out}")
 
 

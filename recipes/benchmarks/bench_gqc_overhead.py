@@ -13,20 +13,19 @@ machine, oversubscribed threads dominate any difference.
 
 CPU, tiny config (default):   python recipes/benchmarks/bench_gqc_overhead.py
 CUDA, GPT-2 small, bf16:      BENCH_DEVICE=cuda python recipes/benchmarks/bench_gqc_overhead.py
-Writes bench_gqc_overhead.csv (long format) next to this script.
+Writes bench_gqc_overhead.csv (long format) next to this script (``--out`` to change).
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
+import argparse
 import os
-import statistics
 import tempfile
 import time
+from pathlib import Path
 
+import _common
 import torch
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from hf_gradext.arguments import GradExtArguments
@@ -48,13 +47,11 @@ VARIANTS = ("stock", "gqc_sbc", "gqc_gnts")
 
 class _Clock(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
-        if CUDA:
-            torch.cuda.synchronize()
+        _common.sync(DEVICE)
         self.t0 = time.perf_counter()
 
     def on_train_end(self, args, state, control, **kw):
-        if CUDA:
-            torch.cuda.synchronize()
+        _common.sync(DEVICE)
         self.seconds = time.perf_counter() - self.t0
 
 
@@ -101,19 +98,18 @@ def run_once(name: str, data) -> tuple[float, int]:
         return clock.seconds / MICROBATCHES, trainer.state.global_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(Path(__file__).with_suffix(".csv")), help="CSV to (over)write")
+    opts = p.parse_args(argv)
     data = _data()
     rows, medians = [], {}
-    common = {
-        "benchmark": "gqc_overhead",
-        "device": torch.cuda.get_device_name() if CUDA else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "config": f"gpt2 L{CFG['n_layer']} d{CFG['n_embd']} B{BATCH} T{SEQ} GA{GA} mb{MICROBATCHES}"
+    config = (
+        f"gpt2 L{CFG['n_layer']} d{CFG['n_embd']} B{BATCH} T{SEQ} GA{GA} mb{MICROBATCHES}"
         + (" bf16" if CUDA else " fp32")
-        + f" threads{torch.get_num_threads()}",
-    }
+        + f" threads{torch.get_num_threads()}"
+    )
+    common = {"benchmark": "gqc_overhead", **_common.run_metadata(DEVICE), "config": config}
     times = {name: [] for name in VARIANTS}
     steps = {}
     for name in VARIANTS:
@@ -123,69 +119,21 @@ def main() -> None:
             t, steps[name] = run_once(name, data)
             times[name].append(t * 1e3)
     for name in VARIANTS:
-        medians[name] = statistics.median(times[name])
-        rows.append(
-            {
-                **common,
-                "variant": name,
-                "metric": "ms_per_microbatch_median",
-                "value": round(medians[name], 3),
-                "unit": "ms",
-            }
-        )
-        rows.append(
-            {
-                **common,
-                "variant": name,
-                "metric": "ms_per_microbatch_min",
-                "value": round(min(times[name]), 3),
-                "unit": "ms",
-            }
-        )
-        rows.append(
-            {
-                **common,
-                "variant": name,
-                "metric": "ms_per_microbatch_max",
-                "value": round(max(times[name]), 3),
-                "unit": "ms",
-            }
-        )
-        rows.append(
-            {**common, "variant": name, "metric": "optimizer_steps", "value": steps[name], "unit": "steps"}
-        )
+        stats = _common.summarize(times[name])
+        medians[name] = stats["median"]
+        for stat, value in stats.items():
+            rows.append(_common.row(common, name, f"ms_per_microbatch_{stat}", round(value, 3), "ms"))
+        rows.append(_common.row(common, name, "optimizer_steps", steps[name], "steps"))
         print(
-            f"{name:<9} median {medians[name]:.2f} ms/microbatch  spread {min(times[name]):.2f}-"
-            f"{max(times[name]):.2f}  steps {steps[name]}",
+            f"{name:<9} median {medians[name]:.2f} ms/microbatch  spread {stats['min']:.2f}-"
+            f"{stats['max']:.2f}  steps {steps[name]}",
             flush=True,
         )
     for name in ("gqc_sbc", "gqc_gnts"):
         rel = 100 * (medians[name] / medians["stock"] - 1)
-        rows.append(
-            {**common, "variant": name, "metric": "overhead_vs_stock", "value": round(rel, 2), "unit": "%"}
-        )
+        rows.append(_common.row(common, name, "overhead_vs_stock", round(rel, 2), "%"))
         print(f"{name} overhead vs stock: {rel:+.2f}%")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_gqc_overhead.csv")
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(
-            fh,
-            fieldnames=[
-                "benchmark",
-                "variant",
-                "metric",
-                "value",
-                "unit",
-                "device",
-                "torch",
-                "transformers",
-                "date",
-                "config",
-            ],
-        )
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    path = _common.write_csv(opts.out, rows)
     print(f"wrote {path}")
 
 

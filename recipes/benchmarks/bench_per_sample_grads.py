@@ -20,8 +20,7 @@ with glibc told to mmap allocations >= 16 KiB (coarse: page granularity, include
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
+import functools
 import json
 import os
 import statistics
@@ -29,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import _common
 
 VARIANTS = (
     "plain",
@@ -39,10 +40,7 @@ VARIANTS = (
     "opacus",
     "loop",
 )
-CONFIGS = {
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 1000, "n_positions": 128},
-    "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
-}
+CONFIGS = _common.GPT2_SIZES
 
 
 def _build(args):
@@ -150,19 +148,8 @@ def _nbytes(obj) -> int:
 
 
 def _amp(args):
-    import contextlib
-
-    import torch
-
-    return (
-        (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
-    )
-
-
-def _sync(args):
-    import torch
-
-    return torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    """A factory of fresh autocast contexts for this run (bf16 or none)."""
+    return functools.partial(_common.autocast, args.device, args.bf16)
 
 
 class _RssSampler:
@@ -203,13 +190,13 @@ def run_memory(args) -> dict:
     step = _variant_step(args.only, model, batch, _amp(args))
     if cuda:  # CUDA: warm up (cuBLAS workspaces, allocator); CPU: RSS never drops, measure the first step
         step()
-        _sync(args)()
+        _common.sync(args.device)
     if cuda:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         out = step()
-        _sync(args)()
+        _common.sync(args.device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
         with _RssSampler() as rss:
@@ -229,17 +216,7 @@ def run_times(args, variants: list[str]) -> dict[str, float]:
     torch.manual_seed(0)
     model, batch = _build(args)
     steps = {v: _variant_step(v, copy.deepcopy(model), batch, _amp(args)) for v in variants}
-    sync = _sync(args)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for i in range(args.warmup + args.reps):
-        for v, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            out = step()
-            sync()
-            del out
-            if i >= args.warmup:
-                times[v].append((time.perf_counter() - t0) * 1e3)
+    times = _common.time_interleaved(steps, rounds=args.reps, warmup=args.warmup, device=args.device)
     return {v: statistics.median(t) for v, t in times.items()}
 
 
@@ -258,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     args = p.parse_args(argv)
     import torch
-    import transformers
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -283,14 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.dumps(
         {"model": args.model, "batch": args.batch, "seq": args.seq, "bf16": args.bf16, "reps": args.reps}
     )
-    common = {
-        "benchmark": "per_sample_grads",
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "config": config,
-    }
+    common = {"benchmark": "per_sample_grads", **_common.run_metadata(args.device), "config": config}
     rows = []
     for v, r in results.items():
         metrics = [
@@ -302,17 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics += [("time_ratio", r["time_ms"] / plain["time_ms"], "x_plain")]
             if plain["peak_mb"] > 0:
                 metrics += [("peak_mem_ratio", r["peak_mb"] / plain["peak_mb"], "x_plain")]
-        rows += [
-            {**common, "variant": v, "metric": m, "value": f"{val:.4g}", "unit": u} for m, val, u in metrics
-        ]
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(
-            f, fieldnames=["benchmark", "variant", "metric", "value", "unit", *list(common)[1:]]
-        )
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, args.out)  # never leave a half-written CSV
+        rows += [_common.row(common, v, m, f"{val:.4g}", u) for m, val, u in metrics]
+    _common.write_csv(args.out, rows)  # atomic: never leaves a half-written CSV
     print(f"wrote {args.out}")
     return 0
 

@@ -25,32 +25,20 @@ Writes a long-format CSV next to this script (``bench_projection.csv``; ``--out`
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import datetime
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
+import _common
 import torch
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_gradext.grad import per_sample_gradients
 from hf_gradext.projection import KroneckerProjector
 from hf_gradext.projection.projector import causal_lm_loss
 
-CONFIGS = {
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 1000, "n_positions": 128},
-    "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
-}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+CONFIGS = _common.GPT2_SIZES
 
 
 class DenseBaseline:
@@ -114,11 +102,10 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    amp = (
-        (lambda: torch.autocast(dev.split(":")[0], dtype=torch.bfloat16))
-        if args.bf16
-        else contextlib.nullcontext
-    )
+
+    def amp():
+        return _common.autocast(dev, args.bf16)
+
     projector = KroneckerProjector(model, layers="attn,mlp", rank_total=args.rank, rank_min=8)
     train_engine = projector.make_engine(weight_grads=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.startswith("cuda"))
@@ -157,24 +144,25 @@ def main() -> None:
         "dataset_pass_proj": dataset_pass,
         "materialize_dense": materialize,
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():
-        for _ in range(args.warmup):
-            fn()
-    _sync(dev)
     peak: dict[str, float] = {}
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            if dev.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(args.reps):
-                _sync(dev)
-                t0 = time.perf_counter()
-                fn()
-                _sync(dev)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-            if dev.startswith("cuda"):
-                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+
+    def reset_peak(name: str) -> None:
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+    def read_peak(name: str) -> None:
+        if dev.startswith("cuda"):
+            peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+
+    times = _common.time_interleaved(
+        variants,
+        rounds=args.rounds,
+        reps=args.reps,
+        warmup=args.warmup,
+        device=dev,
+        before_round=reset_peak,
+        after_round=read_peak,
+    )
     tokens = args.batch * args.seq
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -184,7 +172,6 @@ def main() -> None:
         "materialize_dense": "plain_fwd_bwd",
         "plain_train_step": "plain_fwd_bwd",
     }
-    device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     config = json.dumps(
         {
             "model": args.model,
@@ -201,79 +188,23 @@ def main() -> None:
         },
         sort_keys=True,
     )
-    common = {
-        "benchmark": "projection",
-        "device": device_name,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "config": config,
-    }
+    common = {"benchmark": "projection", **_common.run_metadata(dev, timestamp=True), "config": config}
     rows = []
+
+    def add(variant: str, metric: str, value: str, unit: str) -> None:
+        rows.append(_common.row(common, variant, metric, value, unit))
+
     for name in variants:
-        rows.append(
-            {**common, "variant": name, "metric": "time_min", "value": f"{best[name]:.3f}", "unit": "ms"}
-        )
-        rows.append(
-            {**common, "variant": name, "metric": "time_median", "value": f"{med[name]:.3f}", "unit": "ms"}
-        )
-        rows.append(
-            {
-                **common,
-                "variant": name,
-                "metric": "tokens_per_s",
-                "value": f"{tokens / best[name] * 1e3:.1f}",
-                "unit": "tokens/s",
-            }
-        )
+        add(name, "time_min", f"{best[name]:.3f}", "ms")
+        add(name, "time_median", f"{med[name]:.3f}", "ms")
+        add(name, "tokens_per_s", f"{tokens / best[name] * 1e3:.1f}", "tokens/s")
         if name in base:
-            rows.append(
-                {
-                    **common,
-                    "variant": name,
-                    "metric": f"ratio_to_{base[name]}",
-                    "value": f"{best[name] / best[base[name]]:.3f}",
-                    "unit": "x",
-                }
-            )
+            add(name, f"ratio_to_{base[name]}", f"{best[name] / best[base[name]]:.3f}", "x")
         if name in peak:
-            rows.append(
-                {
-                    **common,
-                    "variant": name,
-                    "metric": "peak_memory",
-                    "value": f"{peak[name]:.1f}",
-                    "unit": "MiB",
-                }
-            )
-    rows.append(
-        {
-            **common,
-            "variant": "dataset_pass_proj",
-            "metric": "speedup_over_materialize_dense",
-            "value": f"{best['materialize_dense'] / best['dataset_pass_proj']:.2f}",
-            "unit": "x",
-        }
-    )
-    out = Path(args.out)
-    with open(out, "w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle,
-            fieldnames=[
-                "benchmark",
-                "variant",
-                "metric",
-                "value",
-                "unit",
-                "device",
-                "torch",
-                "transformers",
-                "date",
-                "config",
-            ],
-        )
-        writer.writeheader()
-        writer.writerows(rows)
+            add(name, "peak_memory", f"{peak[name]:.1f}", "MiB")
+    speedup = best["materialize_dense"] / best["dataset_pass_proj"]
+    add("dataset_pass_proj", "speedup_over_materialize_dense", f"{speedup:.2f}", "x")
+    out = _common.write_csv(args.out, rows)
     for r in rows:
         print(f"{r['variant']:<20} {r['metric']:<32} {r['value']:>10} {r['unit']}")
     print(f"wrote {out}")

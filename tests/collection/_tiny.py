@@ -5,53 +5,34 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from hf_gradext import GradExtArguments, GradExtTrainer
+from tests.helpers import make_ragged_batch, make_tiny_gpt2
 
 VOCAB, SEQ = 61, 12
 
 
 def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = True) -> GPT2LMHeadModel:
     """2-layer GPT-2, d=32, no dropout (so separate eval-mode passes see the training forward)."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
+    return make_tiny_gpt2(
+        tie=tied,
+        seed=seed,
         vocab_size=VOCAB,
         n_positions=32,
-        tie_word_embeddings=tied,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        dtype=dtype,
+        perturb=0.1,  # non-trivial biases / norm params
+        training=True,
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = GPT2LMHeadModel(cfg).to(dtype)
-    with torch.no_grad():  # non-trivial biases / norm params
-        for n, p in model.named_parameters():
-            if n.endswith("bias") or ".ln_" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.train()
 
 
 def ragged_batch(lengths=(12, 7, 9, 3), seed: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded batch with -100 labels on padding and ``example_id`` 100+i."""
-    g = torch.Generator().manual_seed(seed)
-    batch, seq = len(lengths), max(lengths)
-    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
-    mask = torch.zeros(batch, seq, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    ids = ids * mask
-    labels = ids.masked_fill(mask == 0, -100)
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "example_id": torch.arange(batch) + 100,
-    }
+    return make_ragged_batch(
+        lengths=lengths, vocab_size=VOCAB, seed=seed, position_ids=False, example_id_start=100
+    )
 
 
 def token_rows(n: int = 16, seed: int = 3, ragged: bool = True) -> list[dict[str, torch.Tensor]]:

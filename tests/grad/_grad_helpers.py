@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
+
+from tests.helpers import make_ragged_batch, make_tiny_gpt2
 
 VOCAB = 61
 SEQ = 12
@@ -13,41 +15,18 @@ SEQ = 12
 
 def tiny_gpt2(tied: bool = True, dtype: torch.dtype = torch.float64, seed: int = 0, **kw) -> GPT2LMHeadModel:
     """2-layer GPT-2, d=32, no dropout."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=32,
-        tie_word_embeddings=tied,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **kw,
-    )
-    model = GPT2LMHeadModel(cfg).to(dtype)
     # Non-trivial biases / norm affine params so every formula is exercised.
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias") or ".ln_" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.train()
+    return make_tiny_gpt2(
+        tie=tied, seed=seed, vocab_size=VOCAB, n_positions=32, dtype=dtype, perturb=0.1, training=True, **kw
+    )
 
 
 def ragged_batch(lengths=(12, 7, 9, 3), seed: int = 1, prompt: int = 2) -> dict[str, torch.Tensor]:
     """Right-padded batch: ``attention_mask`` 0 on padding, labels -100 on padding and on a prompt prefix."""
-    g = torch.Generator().manual_seed(seed)
-    batch, seq = len(lengths), max(lengths)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
-    mask = torch.zeros(batch, seq, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    ids = ids * mask  # pad id 0 (its embedding row must get nothing from padding)
-    labels = ids.clone()
-    labels[mask == 0] = -100
-    labels[:, :prompt] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # pad id 0 is also a real token here (its embedding row must get nothing from padding)
+    return make_ragged_batch(
+        lengths=lengths, vocab_size=VOCAB, seed=seed, min_token=0, prompt=prompt, position_ids=False
+    )
 
 
 def own_loss(model: nn.Module, batch: dict, i: int) -> torch.Tensor:

@@ -4,37 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
+
+from tests import helpers
 
 VOCAB = 61
 
 
 def make_tiny_gpt2(tie: bool = True, seed: int = 0, dtype: torch.dtype = torch.float64) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=2,
-        n_embd=16,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=32,
-        tie_word_embeddings=tie,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+    return helpers.make_tiny_gpt2(
+        tie=tie, seed=seed, vocab_size=VOCAB, n_positions=32, n_embd=16, dtype=dtype, training=False
     )
-    return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
 def make_batch(lengths=(7, 4, 6), seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded ragged batch: pad tokens 0, attention 0 and labels -100 beyond each length."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (len(lengths), seq), generator=gen)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    ids = ids * mask
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return helpers.make_ragged_batch(
+        lengths=lengths, seq_len=seq, vocab_size=VOCAB, seed=seed, position_ids=False
+    )
 
 
 def oracle_grads(model, batch, names) -> dict[str, torch.Tensor]:
