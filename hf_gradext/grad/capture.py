@@ -18,6 +18,10 @@ Contract used by the collection and projection features::
     # fn(name, module, a, g) was called inside the backward: a (B, T, d_in) layer input (embeddings: the
     # (B, T) ids), g (B, T, d_out) gradient of sum_i L_i (see loss_scaling), padding rows exactly 0.
     engine.remove()
+
+Layer math called from ``fn`` goes through ``engine.math(name, a, g)`` (or ``engine.specs[name].math``,
+bound to the same record): with ``weight_grads=False`` every parameter is frozen while armed, and the
+engine answers "trainable?" from what ``requires_grad`` was just before it froze them.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ class CaptureEngine:
             to require grad so backward still reaches every hooked layer.
         unsupported: ``"error"`` (default) refuses trainable modules with no registered math;
             ``"torch.func"`` uses the vmap fallback for them.
+
+    Attributes:
+        modules: ``{name: module}`` selected at construction.
+        specs: ``{name: LayerSpec}`` whose ``math(module, a, g)`` reports the parameters trainable by
+            :meth:`is_trainable`, so it stays right inside an armed ``weight_grads=False`` backward.
     """
 
     def __init__(
@@ -69,6 +78,7 @@ class CaptureEngine:
         if unsupported not in ("error", "torch.func"):
             raise UserFacingError(f"unsupported={unsupported!r}: use 'error' or 'torch.func'")
         self.model = model
+        self._frozen: set[int] = set()  # ids of the parameters this engine froze while armed
         self.modules: dict[str, nn.Module] = select_modules(model, layers)
         self.specs: dict[str, LayerSpec] = self._resolve_specs(unsupported)
         self.on_capture = on_capture
@@ -100,7 +110,7 @@ class CaptureEngine:
                     missing.append(f"{name} ({type(module).__name__})")
                     continue
                 spec = FALLBACK_SPEC
-            specs[name] = spec
+            specs[name] = spec.bind(self.is_trainable)
         if missing:
             shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
             raise UserFacingError(
@@ -127,6 +137,8 @@ class CaptureEngine:
         frozen: list[nn.Parameter] = []
         if not self.weight_grads:
             frozen = [p for p in self.model.parameters() if p.requires_grad]
+            # Record before freezing: layer math asks is_trainable() during the backward.
+            self._frozen = {id(p) for p in frozen}
             for p in frozen:
                 p.requires_grad_(False)
         self._armed = True
@@ -136,6 +148,30 @@ class CaptureEngine:
             self._armed = False
             for p in frozen:
                 p.requires_grad_(True)
+            self._frozen = set()
+
+    def is_trainable(self, param: nn.Parameter) -> bool:
+        """Whether ``param`` is trained: its ``requires_grad`` as it was before this engine froze it."""
+        return param.requires_grad or id(param) in self._frozen
+
+    def math(self, name: str, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+        """The layer math of selected module ``name`` on one captured pair (callable from ``on_capture``).
+
+        Returns:
+            ``{local parameter name: Contribution}`` for the module's trainable parameters.
+        """
+        with self._paused():
+            return self.specs[name].math(self.modules[name], a, g)
+
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        # The torch.func fallback re-runs the hooked module (forward + vjp): while armed, our own hooks
+        # would capture that pass and call on_capture again, without end. Math is never captured.
+        armed, self._armed = self._armed, False
+        try:
+            yield
+        finally:
+            self._armed = armed
 
     def remove(self) -> None:
         """Remove every hook; the engine captures nothing afterwards."""
@@ -195,7 +231,8 @@ class CaptureEngine:
             scale = self._scale.row_scale(g.shape[0], seq, g.device, g.dtype)  # (B, T|1, 1)
             g = g * scale.reshape(scale.shape[0], *scale.shape[1:2], *([1] * (g.dim() - 2)))
         if self.on_capture is not None:
-            self.on_capture(name, module, a, g)
+            with self._paused():
+                self.on_capture(name, module, a, g)
         if self.keep:
             self.records.setdefault(name, []).append((a, g))
 
@@ -210,8 +247,8 @@ class CaptureEngine:
     def contributions(self, dtype: torch.dtype | None = None) -> dict[str, list[Contribution]]:
         """Per-parameter contributions ``{parameter name: [Contribution, ...]}`` from the kept records.
 
-        Call after the ``with capture(...)`` block (parameters are unfrozen again). ``dtype=None`` computes
-        in the captured dtype promoted to at least float32.
+        Callable inside or after the ``with capture(...)`` block. ``dtype=None`` computes in the captured
+        dtype promoted to at least float32.
 
         Names are the unwrapped model's ``named_parameters()`` names; a parameter shared by several
         modules (tied ``wte`` / ``lm_head``) appears once, under its first name, with one contribution
@@ -225,7 +262,7 @@ class CaptureEngine:
             dt = dtype or torch.promote_types(g.dtype, torch.float32)  # bf16 captures: math in fp32
             a = a.to(dt) if a.is_floating_point() else a
             g = g.to(dt)
-            for local, contrib in self.specs[name].math(module, a, g).items():
+            for local, contrib in self.math(name, a, g).items():
                 param = getattr(module, local)
                 out.setdefault(names[id(param)], []).append(contrib)
         return out

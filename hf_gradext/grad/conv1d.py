@@ -8,21 +8,24 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from hf_gradext.grad.factors import Contribution, Outer
-from hf_gradext.grad.registry import register_layer_math
+from hf_gradext.grad.registry import Trainable, register_layer_math, requires_grad
 
 
 @register_layer_math("Conv1D", family="linear", autocast_input=True)
-def conv1d_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+def conv1d_math(
+    module: nn.Module, a: Tensor, g: Tensor, trainable: Trainable = requires_grad
+) -> dict[str, Contribution]:
     """Per-sample contributions of an HF ``Conv1D``.
 
     Args:
         module: the layer; ``module.weight`` is ``[d_in, d_out]``.
         a: ``(B, T, d_in)`` layer input.
         g: ``(B, T, d_out)`` gradient w.r.t. the layer output.
+        trainable: which parameters to report (see :mod:`hf_gradext.grad.registry`).
     """
     out: dict[str, Contribution] = {}
-    if module.weight.requires_grad:
+    if trainable(module.weight):
         out["weight"] = Outer(u=a, v=g, m=a.shape[-1])  # [in, out] = sum_t a (x) g
-    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
+    if getattr(module, "bias", None) is not None and trainable(module.bias):
         out["bias"] = Outer(u=g, v=None, m=g.shape[-1])
     return out

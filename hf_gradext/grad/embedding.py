@@ -11,13 +11,15 @@ from torch import Tensor, nn
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.factors import Contribution, Outer
-from hf_gradext.grad.registry import register_layer_math
+from hf_gradext.grad.registry import Trainable, register_layer_math, requires_grad
 
 
 @register_layer_math(nn.Embedding, family="embedding")
-def embedding_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+def embedding_math(
+    module: nn.Module, a: Tensor, g: Tensor, trainable: Trainable = requires_grad
+) -> dict[str, Contribution]:
     """Per-sample contribution of an ``nn.Embedding`` weight ``[V, d]`` (index factor, sparse)."""
-    if not module.weight.requires_grad:
+    if not trainable(module.weight):
         return {}
     if getattr(module, "scale_grad_by_freq", False):
         raise UserFacingError(

@@ -14,7 +14,7 @@ from torch.func import functional_call, vjp, vmap
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.factors import Contribution, Dense
-from hf_gradext.grad.registry import LayerSpec
+from hf_gradext.grad.registry import LayerSpec, Trainable, requires_grad
 
 
 def check_fallback_ok(name: str, module: nn.Module) -> None:
@@ -26,15 +26,18 @@ def check_fallback_ok(name: str, module: nn.Module) -> None:
         )
 
 
-def fallback_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+def fallback_math(
+    module: nn.Module, a: Tensor, g: Tensor, trainable: Trainable = requires_grad
+) -> dict[str, Contribution]:
     """Per-sample gradients of ``module``'s own trainable parameters via ``vmap(vjp(...))``.
 
     Args:
         module: a module whose ``forward(x)`` maps one tensor to one tensor, sample-wise.
         a: ``(B, ...)`` captured input.
         g: ``(B, ...)`` gradient w.r.t. the output.
+        trainable: which parameters to report (see :mod:`hf_gradext.grad.registry`).
     """
-    own = {k: p.detach() for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+    own = {k: p.detach() for k, p in module.named_parameters(recurse=False) if trainable(p)}
     if not own:
         return {}
 

@@ -5,21 +5,24 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from hf_gradext.grad.factors import Contribution, Outer
-from hf_gradext.grad.registry import register_layer_math
+from hf_gradext.grad.registry import Trainable, register_layer_math, requires_grad
 
 
 @register_layer_math(nn.Linear, family="linear", autocast_input=True)
-def linear_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+def linear_math(
+    module: nn.Module, a: Tensor, g: Tensor, trainable: Trainable = requires_grad
+) -> dict[str, Contribution]:
     """Per-sample contributions of an ``nn.Linear``.
 
     Args:
         module: the layer (only its trainable parameters are reported).
         a: ``(B, T, d_in)`` layer input.
         g: ``(B, T, d_out)`` gradient w.r.t. the layer output.
+        trainable: which parameters to report (see :mod:`hf_gradext.grad.registry`).
     """
     out: dict[str, Contribution] = {}
-    if module.weight.requires_grad:
+    if trainable(module.weight):
         out["weight"] = Outer(u=g, v=a, m=g.shape[-1])  # [out, in] = sum_t g (x) a
-    if module.bias is not None and module.bias.requires_grad:
+    if module.bias is not None and trainable(module.bias):
         out["bias"] = Outer(u=g, v=None, m=g.shape[-1])
     return out

@@ -10,18 +10,20 @@ import torch
 from torch import Tensor, nn
 
 from hf_gradext.grad.factors import Contribution, Dense
-from hf_gradext.grad.registry import register_layer_math
+from hf_gradext.grad.registry import Trainable, register_layer_math, requires_grad
 
 
-def _affine(module: nn.Module, xhat: Tensor, g: Tensor, red: tuple[int, ...]) -> dict[str, Contribution]:
+def _affine(
+    module: nn.Module, xhat: Tensor, g: Tensor, red: tuple[int, ...], trainable: Trainable
+) -> dict[str, Contribution]:
     # red: the sequence dims to sum over (everything between batch and the normalized dims).
     out: dict[str, Contribution] = {}
     w = getattr(module, "weight", None)
     b = getattr(module, "bias", None)
     g = g.to(xhat.dtype)
-    if isinstance(w, nn.Parameter) and w.requires_grad:
+    if isinstance(w, nn.Parameter) and trainable(w):
         out["weight"] = Dense((g * xhat).sum(red))  # (B, *normalized_shape)
-    if isinstance(b, nn.Parameter) and b.requires_grad:
+    if isinstance(b, nn.Parameter) and trainable(b):
         out["bias"] = Dense(g.sum(red))
     return out
 
@@ -31,18 +33,22 @@ def _compute_dtype(a: Tensor) -> torch.dtype:
 
 
 @register_layer_math(nn.LayerNorm, family="norm")
-def layer_norm_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+def layer_norm_math(
+    module: nn.Module, a: Tensor, g: Tensor, trainable: Trainable = requires_grad
+) -> dict[str, Contribution]:
     """``nn.LayerNorm`` (any ``normalized_shape``); ``a``/``g`` are ``(B, T, *normalized_shape)``."""
     k = len(module.normalized_shape)
     dims = tuple(range(-k, 0))
     x = a.to(_compute_dtype(a))
     var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
     xhat = (x - mean) * torch.rsqrt(var + module.eps)
-    return _affine(module, xhat, g, tuple(range(1, a.dim() - k)))
+    return _affine(module, xhat, g, tuple(range(1, a.dim() - k)), trainable)
 
 
 @register_layer_math(nn.RMSNorm, "*RMSNorm", "T5LayerNorm", family="norm")
-def rms_norm_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribution]:
+def rms_norm_math(
+    module: nn.Module, a: Tensor, g: Tensor, trainable: Trainable = requires_grad
+) -> dict[str, Contribution]:
     """``nn.RMSNorm`` and HF ``*RMSNorm`` classes (``weight * x / rms(x)``; Gemma's ``1 + weight`` too).
 
     Works for any class whose ``weight`` multiplies ``x * rsqrt(mean(x^2) + eps)`` over the last dim(s).
@@ -57,4 +63,4 @@ def rms_norm_math(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Contribu
         eps = torch.finfo(a.dtype).eps
     x = a.to(_compute_dtype(a))
     xhat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
-    return _affine(module, xhat, g, tuple(range(1, a.dim() - k)))
+    return _affine(module, xhat, g, tuple(range(1, a.dim() - k)), trainable)
