@@ -36,6 +36,7 @@ VARIANTS = (
     "engine_blocks",
     "engine_all_sparse",
     "engine_norms",
+    "engine_norms_no_weight_grads",
     "torch_func_vmap",
     "opacus",
     "loop",
@@ -60,6 +61,12 @@ def _materialize(engine):
     return {n: materialize_sum(cs) for n, cs in engine.contributions().items()}
 
 
+def _sq_norms(engine):
+    from hf_gradext.grad.factors import sq_norms
+
+    return sum(sq_norms(cs) for cs in engine.contributions().values())  # (B,)
+
+
 def _variant_step(name, model, batch, amp):
     """A closure doing one measured step of ``name`` and returning what it produces."""
     import torch
@@ -76,8 +83,11 @@ def _variant_step(name, model, batch, amp):
     if name.startswith("engine_"):
         from hf_gradext.grad import CaptureEngine
 
-        layers = {"engine_blocks": "attn,mlp", "engine_all_sparse": "all", "engine_norms": "norm"}[name]
-        engine = CaptureEngine(model, layers)
+        # engine_norms*: per-sample gradient norms of the block layers (ghost identity where cheaper,
+        # no per-sample gradient built); *_no_weight_grads skips the ordinary .grad (a measurement pass).
+        layers = "all" if name == "engine_all_sparse" else "attn,mlp"
+        norms_only = name.startswith("engine_norms")
+        engine = CaptureEngine(model, layers, weight_grads=not name.endswith("_no_weight_grads"))
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -85,6 +95,8 @@ def _variant_step(name, model, batch, amp):
                 with amp():
                     loss = model(**batch).loss
                 loss.backward()
+            if norms_only:
+                return _sq_norms(engine)
             return _materialize(engine)
 
         return step
