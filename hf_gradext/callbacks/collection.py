@@ -64,6 +64,7 @@ class PerSampleGradientCallback(TrainerCallback):
                 args.gradient_collection_layers,
                 on_capture=None,
                 keep=False,
+                weight_grads=self.mode == "training",  # separate mode: a pure measurement pass
             )
         except UserFacingError as exc:
             raise UserFacingError(

@@ -46,7 +46,7 @@ class BatchCollector:
     ) -> None:
         self.model = model
         if method == "engine":
-            self.engine: CaptureEngine | None = CaptureEngine(model, layers, keep=False)
+            self.engine: CaptureEngine | None = CaptureEngine(model, layers, keep=False, weight_grads=False)
             modules, specs = self.engine.modules, self.engine.specs
         else:
             self.engine = None

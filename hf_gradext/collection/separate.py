@@ -1,8 +1,9 @@
 """The ``separate`` collection pass: an own fp32 forward/backward on a batch, outside training.
 
 Runs in eval mode (no dropout: the gradients are a deterministic function of the parameters) with
-autocast off and without touching any ``param.grad`` (``torch.autograd.grad`` instead of
-``backward``), so the training step it sits in is unaffected.
+autocast off and without touching any ``param.grad``, so the training step it sits in is unaffected:
+the engine is a ``CaptureEngine(weight_grads=False)``, which freezes every parameter while armed, so the
+backward computes only the captured ``(a, g)`` pairs and skips the ordinary weight gradients.
 """
 
 from __future__ import annotations
@@ -45,7 +46,16 @@ def run_separate(
     example_ids: list[Any],
 ) -> None:
     """Collect the first ``n`` samples of ``batch`` with an own fp32 pass (engine, or loop if ``engine``
-    is None)."""
+    is None).
+
+    Raises:
+        ValueError: ``engine`` was built with ``weight_grads=True`` (its backward would write
+            ``param.grad``).
+    """
+    if engine is not None and engine.weight_grads:
+        raise ValueError(
+            "run_separate needs a CaptureEngine(weight_grads=False): it must not write param.grad"
+        )
     batch_size = batch["input_ids"].shape[0]
     sub = slice_batch(batch, slice(0, n), batch_size)
     consumer.begin_microbatch(example_ids[:n])
@@ -54,12 +64,10 @@ def run_separate(
             params = selected_parameters(model, consumer.modules)
             consumer.add_dense(loop_per_sample_gradients(model, sub, params))
             return
-        # autograd.grad, not backward(): the hooks fire, but no param.grad is written. (The engine's
-        # weight_grads=False mode freezes the parameters, and the per-layer math then skips them when
-        # called from on_capture inside the backward.)
-        params = [p for p in model.parameters() if p.requires_grad]
+        # Every parameter is frozen while armed: this backward writes no param.grad and computes no
+        # weight gradient; the layer math in on_capture still sees the trainable ones (engine.specs).
         with torch.enable_grad(), engine.capture(sub):
-            torch.autograd.grad(model(**sub).loss, params, allow_unused=True)
+            model(**sub).loss.backward()
     consumer.finish_microbatch()
 
 
