@@ -6,6 +6,7 @@ Fixtures wrapping these live in ``tests/conftest.py``.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# 2 processes, gloo on the CPU (see the file's header for why it says MULTI_GPU).
+CPU_DDP_CONFIG = REPO_ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"
 
 # Flags that make `hf-gradext train` on the embedded default finish in seconds.
 QUICK_TRAIN_FLAGS = [
@@ -146,6 +149,37 @@ def run_module(
         env=full_env,
         timeout=timeout,
         cwd=str(cwd or REPO_ROOT),
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(
+    args: list[str], cwd: Path | None = None, timeout: float = 420, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``accelerate launch`` with the 2-process CPU config and capture its output (text).
+
+    Args:
+        args: what follows the launcher's own flags: ``["-m", module, ...]`` or ``[script, ...]``.
+        cwd: working directory (default: the repository root).
+        timeout: seconds before ``subprocess.TimeoutExpired`` (a hung process group fails here).
+        env: extra environment variables, on top of ``os.environ`` and the CPU-only settings.
+    """
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(CPU_DDP_CONFIG),
+        "--main_process_port", str(free_port()),
+        *args,
+    ]  # fmt: skip
+    # No visible GPU makes the MULTI_GPU launcher start a gloo CPU group; one thread per rank on 2 cores.
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(cwd or REPO_ROOT)
     )
 
 

@@ -136,6 +136,19 @@ def run_gqc_epoch(
     def fetch():
         return next(iterator, None)
 
+    def log_save_evaluate(grad_norm: float | None, learning_rate: float | None) -> None:
+        # HF's log/save/evaluate hook, run after each optimizer step and once at the end of the epoch.
+        trainer._maybe_log_save_evaluate(
+            trainer._tr_loss,
+            grad_norm,
+            model,
+            trial,
+            epoch,
+            ignore_keys_for_eval,
+            start_time,
+            learning_rate=learning_rate,
+        )
+
     sum_loss = _loss_is_sum(trainer)
     # HF multiplies the loss by the process count when averaging tokens across devices.
     loss_mult = float(world) if (sum_loss and args.average_tokens_across_devices) else 1.0
@@ -234,16 +247,7 @@ def run_gqc_epoch(
                 }
             )
             trainer.control = trainer.callback_handler.on_step_end(args, trainer.state, trainer.control)
-            trainer._maybe_log_save_evaluate(
-                trainer._tr_loss,
-                grad_norm,
-                model,
-                trial,
-                epoch,
-                ignore_keys_for_eval,
-                start_time,
-                learning_rate=learning_rate,
-            )
+            log_save_evaluate(grad_norm, learning_rate)
         elif decision.skip:
             # Never let NaN/inf reach the optimizer; the data still counts for the schedules.
             model.zero_grad()
@@ -268,13 +272,4 @@ def run_gqc_epoch(
         run.epoch, run.microbatches_in_epoch = epoch + 1, 0
 
     trainer.control = trainer.callback_handler.on_epoch_end(args, trainer.state, trainer.control)
-    trainer._maybe_log_save_evaluate(
-        trainer._tr_loss,
-        grad_norm,
-        model,
-        trial,
-        epoch,
-        ignore_keys_for_eval,
-        start_time,
-        learning_rate=learning_rate,
-    )
+    log_save_evaluate(grad_norm, learning_rate)

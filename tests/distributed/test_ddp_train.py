@@ -3,20 +3,11 @@
 import json
 import math
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import QUICK_TRAIN_FLAGS, REPO_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import QUICK_TRAIN_FLAGS, accelerate_launch
 
 
 @pytest.mark.slow
@@ -25,15 +16,11 @@ def test_two_process_cpu_ddp_run(tmp_path):
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate CLI not on PATH")
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO_ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"),
-        "--main_process_port", str(free_port()),
+    proc = accelerate_launch([
         "-m", "hf_gradext.train",
         "--output_dir", str(out), *QUICK_TRAIN_FLAGS, "--max_steps", "6",
         "--eval_strategy", "steps", "--eval_steps", "3", "--log_level", "warning",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=REPO_ROOT)
+    ])  # fmt: skip
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr
 

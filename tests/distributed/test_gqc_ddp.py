@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.helpers import accelerate_launch
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,12 +45,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_gqc_run_same_decisions(tmp_path):
@@ -59,26 +52,7 @@ def test_two_rank_gqc_run_same_decisions(tmp_path):
         pytest.skip("accelerate CLI not installed")
     script = tmp_path / "run_gqc.py"
     script.write_text(SCRIPT)
-    cmd = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        str(tmp_path),
-    ]
-    # --multi_gpu with no visible GPU is how accelerate launches a gloo CPU process group (--cpu runs 1 process)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)  # a hang fails here
+    proc = accelerate_launch([str(script), str(tmp_path)])  # a hang fails here (timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())

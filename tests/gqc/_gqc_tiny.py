@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+
+from tests.helpers import make_tiny_gpt2
 
 VOCAB, SEQ = 64, 16
 
 
-def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=SEQ,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(cfg)
+def tiny_model(seed: int = 0, dropout: float = 0.0):
+    """The shared tiny GPT-2 at this file's vocabulary and sequence length."""
+    return make_tiny_gpt2(seed=seed, vocab_size=VOCAB, n_positions=SEQ, dropout=dropout)
 
 
 def token_dataset(n: int = 48, seed: int = 1, ragged: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -36,11 +27,10 @@ def token_dataset(n: int = 48, seed: int = 1, ragged: bool = False) -> list[dict
     return rows
 
 
-def gqc_args(tmp_path, **overrides):
-    from hf_gradext.arguments import GradExtArguments
-
+def train_kwargs(output_dir, **overrides) -> dict:
+    """The ``TrainingArguments`` fields every GQC test shares (CPU, deterministic, no saving/reporting)."""
     kw = dict(
-        output_dir=str(tmp_path),
+        output_dir=str(output_dir),
         per_device_train_batch_size=4,
         learning_rate=1e-3,
         num_train_epochs=1,
@@ -52,9 +42,13 @@ def gqc_args(tmp_path, **overrides):
         data_seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        gqc="gnts",
-        gqc_threshold_start=0.5,
-        gqc_max_microbatches=4,
     )
     kw.update(overrides)
-    return GradExtArguments(**kw)
+    return kw
+
+
+def gqc_args(tmp_path, **overrides):
+    from hf_gradext.arguments import GradExtArguments
+
+    gqc = dict(gqc="gnts", gqc_threshold_start=0.5, gqc_max_microbatches=4)
+    return GradExtArguments(**train_kwargs(tmp_path, **{**gqc, **overrides}))

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from _gqc_tiny import gqc_args, tiny_model, token_dataset
+from _gqc_tiny import gqc_args, tiny_model, token_dataset, train_kwargs
 from transformers import TrainerCallback
 
 from hf_gradext.trainer import GradExtTrainer
@@ -181,20 +181,7 @@ def test_gqc_none_is_stock_hf(tmp_path):
 
     t = _train(tmp_path / "a", gqc="none", gradient_accumulation_steps=2)
     assert not any("gqc/microbatches" in e for e in t.state.log_history)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "b"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        gradient_accumulation_steps=2,
-    )
+    args = TrainingArguments(**train_kwargs(tmp_path / "b", gradient_accumulation_steps=2))
     ref = Trainer(tiny_model(), args=args, train_dataset=token_dataset())
     ref.train()
     for p, q in zip(t.model.parameters(), ref.model.parameters()):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from hf_gradext.projection import KroneckerProjector, load_projections
 from hf_gradext.projection.cli import attribute_main, full_grads_main, project_main
 from hf_gradext.projection.full_grads import load_full_grads
 from hf_gradext.store import iter_index
+from tests.helpers import accelerate_launch
 
 MODEL = ["--config_overrides", "n_layer=2,n_embd=32,n_head=2", "--block_size", "16", "--seed", "3"]
 PROJ = [
@@ -87,46 +87,12 @@ def test_killed_run_resumes_without_duplicates_or_gaps(reference_run, tmp_path):
     torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_accelerate_launch_gives_same_rows(reference_run, tmp_path):
     out = tmp_path / "ddp"
-    # --multi_gpu with no visible GPU is how accelerate launches a 2-process gloo CPU group
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "hf_gradext.cli",
-        "project",
-        *MODEL,
-        *PROJ,
-        "--output_dir",
-        str(out),
-        "--max_samples",
-        "12",
-        "--batch_size",
-        "4",
-    ]
-    env = {**ENV, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["-m", "hf_gradext.cli", "project", *MODEL, *PROJ, "--output_dir", str(out)]
+    result = accelerate_launch([*args, "--max_samples", "12", "--batch_size", "4"], env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows, ids, _ = load_projections(out)
     ranks = {r["rank"] for r in iter_index(out, "proj")}
