@@ -107,15 +107,15 @@ def _yaml_tokens(path: str, parser: HfArgumentParser) -> list[str]:
     return tokens
 
 
-def _launched_without_accelerator() -> bool:
-    """True under a multi-process launcher (torchrun / accelerate) on a machine with no accelerator."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+def _has_accelerator() -> bool:
     import torch
 
-    return not torch.cuda.is_available() and not (
-        hasattr(torch, "accelerator") and torch.accelerator.is_available()
-    )
+    return torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+
+
+def _launched_without_accelerator() -> bool:
+    """True under a multi-process launcher (torchrun / accelerate) on a machine with no accelerator."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator()
 
 
 def _mentions(tokens: list[str], dest: str) -> bool:
@@ -148,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> GradExtArguments:
         # accelerate's MULTI_CPU type needs mpirun; recipes/accelerate/cpu_ddp.yaml uses its torchrun
         # launcher instead, and the processes must then be told to use the CPU (gloo) themselves.
         tokens = ["--use_cpu", "true", *tokens]
+    if not _mentions(tokens, "dataloader_pin_memory") and not _has_accelerator():
+        # Pinned host memory only helps copies to an accelerator; without one torch warns on every loader.
+        tokens = ["--dataloader_pin_memory", "false", *tokens]
     unknown = [
         t for t in tokens if t.startswith("--") and t.split("=", 1)[0] not in parser._option_string_actions
     ]

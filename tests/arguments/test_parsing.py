@@ -114,3 +114,15 @@ def test_distributed_launch_without_accelerator_selects_cpu(monkeypatch):
     assert parsing._launched_without_accelerator() is False
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert parsing._launched_without_accelerator() is (not torch.cuda.is_available())
+
+
+def test_pin_memory_off_without_an_accelerator_unless_asked(monkeypatch):
+    import torch
+
+    from hf_gradext.arguments.parsing import parse_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if hasattr(torch, "accelerator"):
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert parse_args(["--output_dir", "o"]).dataloader_pin_memory is False
+    assert parse_args(["--output_dir", "o", "--dataloader_pin_memory", "true"]).dataloader_pin_memory is True
