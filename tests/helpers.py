@@ -6,6 +6,7 @@ Fixtures wrapping these live in ``tests/conftest.py``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -178,9 +179,24 @@ def accelerate_launch(
     ]  # fmt: skip
     # No visible GPU makes the MULTI_GPU launcher start a gloo CPU group; one thread per rank on 2 cores.
     full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(cwd or REPO_ROOT)
+    # Own process group: on a timeout the launcher AND its workers are killed (a hung rank must not
+    # outlive the test and eat the CI machine's two cores).
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=str(cwd or REPO_ROOT),
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def logged_losses(log_history: list[dict[str, Any]]) -> list[float]:

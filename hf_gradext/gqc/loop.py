@@ -265,7 +265,10 @@ def run_gqc_epoch(
         if at_boundary and (trainer.control.should_epoch_stop or trainer.control.should_training_stop):
             break
 
-    if stopped_by_budget or run.budget_reached():
+    # An epoch with no data (a one-pass stream, already consumed) would repeat forever: iterable
+    # datasets get sys.maxsize epochs. HF's own loop stops in this case too. (A resume that skipped
+    # the whole epoch has microbatches_in_epoch > 0 and goes on to the next epoch.)
+    if stopped_by_budget or run.budget_reached() or (exhausted and run.microbatches_in_epoch == 0):
         trainer.control.should_training_stop = True
     if exhausted:
         # Epoch fully consumed: a checkpoint taken now resumes at the start of the next epoch.
