@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from hf_gradext.arguments.model import BUILTIN_GPT2_SIZES
+from hf_gradext.arguments.model import BUILTIN_GPT2_SIZES, hub_kwargs
 from hf_gradext.errors import UserFacingError
 
 logger = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ def build_config(args: Any, tokenizer: Any = None) -> Any:
         try:
             config = AutoConfig.from_pretrained(
                 source,
-                cache_dir=getattr(args, "cache_dir", None),
-                revision=getattr(args, "model_revision", "main"),
-                trust_remote_code=getattr(args, "trust_remote_code", False),
+                **hub_kwargs(args),
             )
         except (OSError, ValueError) as exc:
             raise _not_found(flag, source, "config", exc) from exc
@@ -127,9 +125,7 @@ def load_model(args: Any, tokenizer: Any, config: Any | None = None) -> Any:
             model = AutoModelForCausalLM.from_pretrained(
                 name,
                 config=config,
-                cache_dir=getattr(args, "cache_dir", None),
-                revision=getattr(args, "model_revision", "main"),
-                trust_remote_code=getattr(args, "trust_remote_code", False),
+                **hub_kwargs(args),
                 **kwargs,
             )
         except (OSError, ValueError) as exc:

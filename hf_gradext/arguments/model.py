@@ -222,3 +222,13 @@ class ModelDataArguments:
         if getattr(self, "metric_for_best_model", None) is None:
             # HF's EarlyStoppingCallback requires a metric; eval loss is what run_clm users expect.
             self.metric_for_best_model = "loss"
+
+
+def hub_kwargs(args: object) -> dict[str, object]:
+    """The ``from_pretrained`` keywords that ``--cache_dir``, ``--model_revision`` and
+    ``--trust_remote_code`` set (``args`` may be any namespace carrying some of them)."""
+    return {
+        "cache_dir": getattr(args, "cache_dir", None),
+        "revision": getattr(args, "model_revision", "main"),
+        "trust_remote_code": getattr(args, "trust_remote_code", False),
+    }

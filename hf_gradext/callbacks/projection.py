@@ -35,7 +35,7 @@ from hf_gradext.projection.io import (
     prune_rows_from_step,
     write_json_atomic,
 )
-from hf_gradext.projection.projector import KroneckerProjector
+from hf_gradext.projection.projector import projector_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +66,7 @@ class GradientProjectionCallback(TrainerCallback):
         self.directory = projection_dir(args)
         layers = resolve_proj_layers(args, trainer.model)
         try:
-            self.projector = KroneckerProjector(
-                trainer.model,
-                layers=layers,
-                rank_total=args.proj_rank_total,
-                rank_min=args.proj_rank_min,
-                seed=args.proj_seed,
-                row_orthonormal=args.proj_row_orthonormal,
-                include_embeddings=args.include_embeddings,
-                dtype=args.proj_dtype,
-            )
+            self.projector = projector_from_args(trainer.model, args, layers=layers)
         except UserFacingError as exc:
             if str(exc).startswith("--proj_layers"):
                 raise

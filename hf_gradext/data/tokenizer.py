@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from hf_gradext.arguments.model import hub_kwargs
 from hf_gradext.data.corpus import embedded_corpus_hash, embedded_documents
 from hf_gradext.errors import UserFacingError
 
@@ -123,9 +124,7 @@ def load_tokenizer(args: Any):
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name,
-            cache_dir=getattr(args, "cache_dir", None),
-            revision=getattr(args, "model_revision", "main"),
-            trust_remote_code=getattr(args, "trust_remote_code", False),
+            **hub_kwargs(args),
         )
     except (OSError, ValueError) as exc:
         raise UserFacingError(_not_found_message(flag, name, "tokenizer", exc)) from exc

@@ -32,7 +32,7 @@ from hf_gradext.projection.io import (
     list_shards,
     write_json_atomic,
 )
-from hf_gradext.projection.projector import KroneckerProjector
+from hf_gradext.projection.projector import KroneckerProjector, projector_from_args
 
 logger = logging.getLogger(__name__)
 # Test hook: hard-exit (as a kill would) after this many batches, to test resuming.
@@ -138,16 +138,7 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
     with state.main_process_first():
         tokenizer, data, model = _load(margs, rargs, getattr(margs, "block_size", None))
     model.to(device).eval()
-    projector = KroneckerProjector(
-        model,
-        layers=pargs.proj_layers,
-        rank_total=pargs.proj_rank_total,
-        rank_min=pargs.proj_rank_min,
-        seed=pargs.proj_seed,
-        row_orthonormal=pargs.proj_row_orthonormal,
-        include_embeddings=pargs.include_embeddings,
-        dtype=pargs.proj_dtype,
-    )
+    projector = projector_from_args(model, pargs)
     meta = projector.metadata()
     if state.is_main_process:
         _check_compatible(directory, meta, rargs.overwrite)

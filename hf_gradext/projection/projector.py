@@ -390,3 +390,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _shares_embedding_weight(root: nn.Module, weight: torch.Tensor) -> bool:
     return any(isinstance(m, nn.Embedding) and m.weight is weight for m in root.modules())
+
+
+def projector_from_args(model: nn.Module, args: Any, layers: str | None = None) -> KroneckerProjector:
+    """A :class:`KroneckerProjector` configured by the ``--proj_*`` / ``--include_embeddings`` flags
+    (``layers`` overrides ``--proj_layers``)."""
+    return KroneckerProjector(
+        model,
+        layers=args.proj_layers if layers is None else layers,
+        rank_total=args.proj_rank_total,
+        rank_min=args.proj_rank_min,
+        seed=args.proj_seed,
+        row_orthonormal=args.proj_row_orthonormal,
+        include_embeddings=args.include_embeddings,
+        dtype=args.proj_dtype,
+    )

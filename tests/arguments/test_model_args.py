@@ -67,3 +67,17 @@ def test_builtin_sizes():
     assert set(BUILTIN_GPT2_SIZES) >= {"tiny", "small", "medium"}
     small = BUILTIN_GPT2_SIZES["small"]
     assert (small["n_layer"], small["n_embd"], small["n_head"], small["n_positions"]) == (12, 768, 12, 1024)
+
+
+def test_hub_kwargs_reads_the_hub_flags_with_defaults():
+    from types import SimpleNamespace
+
+    from hf_gradext.arguments.model import hub_kwargs
+
+    assert hub_kwargs(SimpleNamespace()) == {
+        "cache_dir": None,
+        "revision": "main",
+        "trust_remote_code": False,
+    }
+    args = SimpleNamespace(cache_dir="/c", model_revision="v1", trust_remote_code=True)
+    assert hub_kwargs(args) == {"cache_dir": "/c", "revision": "v1", "trust_remote_code": True}

@@ -141,3 +141,26 @@ def test_layer_patterns(tiny_gpt2, layers, expected):
 def test_tied_head_without_embeddings_is_not_projected_alone(tiny_gpt2):
     proj = KroneckerProjector(tiny_gpt2, layers="lm_head,mlp", rank_total=16, rank_min=2)
     assert "lm_head" not in [b.name for b in proj.blocks]
+
+
+def test_projector_from_args_maps_every_flag():
+    from types import SimpleNamespace
+
+    from hf_gradext.projection.projector import projector_from_args
+
+    model = make_tiny_gpt2(dtype=torch.float32)
+    args = SimpleNamespace(
+        proj_layers="mlp",
+        proj_rank_total=16,
+        proj_rank_min=2,
+        proj_seed=7,
+        proj_row_orthonormal=True,
+        include_embeddings=True,
+        proj_dtype="float32",
+    )
+    explicit = KroneckerProjector(
+        model, layers="attn", rank_total=16, rank_min=2, seed=7, row_orthonormal=True,
+        include_embeddings=True, dtype="float32",
+    )  # fmt: skip
+    assert projector_from_args(model, args, layers="attn").metadata() == explicit.metadata()
+    assert projector_from_args(model, args).metadata()["layers"] != explicit.metadata()["layers"]
