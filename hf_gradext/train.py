@@ -154,10 +154,12 @@ def run(args: Any) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 and one ``error:`` line on bad input)."""
     from hf_gradext.arguments.parsing import parse_args
+    from hf_gradext.process_group import end_process_group
 
     try:
         args = parse_args(argv)
         run(args)
+        end_process_group()
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 from hf_gradext.arguments.model import ModelDataArguments
 from hf_gradext.arguments.projection import ProjectionArguments
 from hf_gradext.errors import UserFacingError
+from hf_gradext.process_group import end_process_group
 from hf_gradext.projection.dataset_pass import ProjectRunArguments
 
 
@@ -26,6 +27,7 @@ class _Parser(HfArgumentParser):
 def _guard(fn: Callable[[], Any]) -> int:
     try:
         fn()
+        end_process_group()  # under accelerate launch; a no-op in one process
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

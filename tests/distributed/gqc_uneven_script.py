@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from hf_gradext.arguments import GradExtArguments
+from hf_gradext.process_group import end_process_group
 from hf_gradext.trainer import GradExtTrainer
 from tests.helpers import make_tiny_gpt2
 
@@ -68,6 +69,7 @@ def main(out: str) -> None:
         gqc_max_microbatches=4,
         gqc_microbatch_budget=1000,  # larger than either stream: only the data stops the run
         max_grad_norm=1.0,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient; skips DDP's graph walk
     )
     stream = RankStream()
     trainer = GradExtTrainer(model, args=args, train_dataset=stream)
@@ -91,6 +93,7 @@ def main(out: str) -> None:
     }
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as fh:
         json.dump(result, fh)
+    end_process_group()
 
 
 if __name__ == "__main__":

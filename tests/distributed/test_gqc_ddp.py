@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from hf_gradext.arguments import GradExtArguments
+    from hf_gradext.process_group import end_process_group
     from hf_gradext.trainer import GradExtTrainer
 
     out = sys.argv[1]
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent(
     args = GradExtArguments(
         output_dir=out, per_device_train_batch_size=2, learning_rate=1e-3, num_train_epochs=1, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, gqc="gnts",
-        gqc_threshold_start=1.1, gqc_max_microbatches=4, max_grad_norm=1.0,
+        gqc_threshold_start=1.1, gqc_max_microbatches=4, max_grad_norm=1.0, ddp_find_unused_parameters=False,
     )
     trainer = GradExtTrainer(model, args=args, train_dataset=data)
     trainer.train()
@@ -41,6 +42,7 @@ SCRIPT = textwrap.dedent(
     checksum = float(sum(p.double().sum() for p in trainer.model.parameters()))
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as fh:
         json.dump({"steps": steps, "checksum": checksum, "world": args.world_size}, fh)
+    end_process_group()
     """
 )
 
