@@ -93,8 +93,8 @@ def main(out: str) -> None:
     }
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as fh:
         json.dump(result, fh)
-    end_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()  # after main: the trainer (and its DDP wrapper holding gloo's threads) is gone

@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent(
     checksum = float(sum(p.double().sum() for p in trainer.model.parameters()))
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as fh:
         json.dump({"steps": steps, "checksum": checksum, "world": args.world_size}, fh)
+    del trainer, model  # the DDP wrapper owns gloo's threads: drop it so end_process_group frees them
     end_process_group()
     """
 )
