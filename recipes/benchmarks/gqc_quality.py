@@ -34,7 +34,8 @@ on it yet (that is what GQC costs at equal data). The last mark always coincides
 the budget forces one).
 
 CPU, tiny config (default):  python recipes/benchmarks/gqc_quality.py
-  (QUALITY_THREADS=1 torch threads by default; QUALITY_EPOCHS, QUALITY_VARIANTS=a,b,... override)
+  (QUALITY_THREADS=1 torch threads by default; QUALITY_EPOCHS, QUALITY_VARIANTS=a,b,... override;
+  QUALITY_TRAIN_BLOCKS / QUALITY_EVAL_BLOCKS cap the data for a quick smoke run, as the tests do)
 CUDA, GPT-2 small, bf16:     QUALITY_DEVICE=cuda python recipes/benchmarks/gqc_quality.py
 Writes gqc_quality.csv (long format, one row per variant x eval point) and gqc_quality.png next to this
 script (``_cuda`` suffix on CUDA; ``QUALITY_OUT=/path/stem`` writes elsewhere).
@@ -72,6 +73,8 @@ EPOCHS = int(os.environ.get("QUALITY_EPOCHS", 5))
 LR, WARMUP, WEIGHT_DECAY = (6e-4 if CUDA else 3e-3), 0.05, 0.1
 CAP = 16
 MAX_GRAD_NORM = float(os.environ.get("QUALITY_MAX_GRAD_NORM", 1.0))
+TRAIN_BLOCKS = int(os.environ.get("QUALITY_TRAIN_BLOCKS", 0))  # 0: all train blocks
+EVAL_BLOCKS = int(os.environ.get("QUALITY_EVAL_BLOCKS", 0))  # 0: the whole validation split
 ABS_FRACTION = 1.0
 EVAL_POINTS = 16  # eval every N / EVAL_POINTS microbatches; the table reads 4, 8, 12, 16
 ALL_VARIANTS = ("fixed_ga1", "fixed_ga4", "gnts_rel0.5", "gnts_rel0.8", "gnts_abs", "sbc_8to64")
@@ -130,6 +133,10 @@ def build_data(out: str):
     tok = load_tokenizer(args)
     train, evals = build_datasets(args, tok, block_size=SEQ)
     keep = len(train) // (BATCH * 4) * (BATCH * 4)
+    if TRAIN_BLOCKS:  # a smaller budget (smoke runs); still a multiple of BATCH x 4
+        keep = min(keep, max(BATCH * 4, TRAIN_BLOCKS // (BATCH * 4) * (BATCH * 4)))
+    if EVAL_BLOCKS:
+        evals = evals.select(range(min(len(evals), EVAL_BLOCKS)))
     return tok, train.select(range(keep)), evals
 
 

@@ -1,0 +1,78 @@
+"""Every benchmark script runs end to end at toy sizes and writes its CSV.
+
+The timings are meaningless at these sizes and are not checked (speed targets live in the
+benchmarks, never in tests); what is checked is that each script still works against the current
+API, so a session with a lent GPU spends its device time measuring, not debugging.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "recipes" / "benchmarks"
+TOY = ["--batch", "2", "--seq", "16"]
+CASES = {  # script -> (extra flags, environment, variants the CSV must hold)
+    "bench_per_sample_grads.py": (
+        [*TOY, "--reps", "1", "--warmup", "1"],
+        {},
+        {"plain", "engine_blocks", "engine_all_sparse", "engine_norms", "torch_func_vmap", "opacus", "loop"},
+    ),
+    "bench_collection.py": (
+        [*TOY, "--steps", "1", "--warmup", "1", "--rounds", "1", "--dd-mib", "4"],
+        {},
+        {"disk", "none", "stats", "norms_disk", "full_disk", "loop_stats"},
+    ),
+    "bench_projection.py": (
+        [*TOY, "--rounds", "1", "--reps", "1", "--warmup", "1", "--rank", "64"],
+        {},
+        {"plain_fwd_bwd", "plain_train_step", "train_step_proj", "dataset_pass_proj", "materialize_dense"},
+    ),
+    "bench_gpt2_patches.py": (
+        [*TOY, "--reps", "1", "--steps", "1", "--warmup", "1", "--mask_calls", "5"],
+        {},
+        {"stock", "mask_cache", "rms_norm", "swiglu", "all", "sdpa/none/mask_cache"},
+    ),
+    "bench_gqc_overhead.py": ([], {"BENCH_REPEATS": "1"}, {"stock", "gqc_sbc", "gqc_gnts"}),
+    "gqc_quality.py": (
+        [],
+        {
+            "QUALITY_EPOCHS": "1",
+            "QUALITY_TRAIN_BLOCKS": "128",
+            "QUALITY_EVAL_BLOCKS": "8",
+            "QUALITY_VARIANTS": "fixed_ga1,gnts_rel0.8,sbc_8to64",
+        },
+        {"fixed_ga1", "gnts_rel0.8", "sbc_8to64"},
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_script_runs_and_writes_its_csv(script, tmp_path):
+    flags, env, variants = CASES[script]
+    out = tmp_path / "result.csv"
+    if script == "gqc_quality.py":
+        env = {**env, "QUALITY_OUT": str(tmp_path / "result")}
+    else:
+        flags = [*flags, "--out", str(out)]
+    if script == "bench_collection.py":
+        flags = [*flags, "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / script), *flags],
+        cwd=str(tmp_path),  # nothing may be written next to the committed CSVs
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert variants <= {r["variant"] for r in rows}, sorted({r["variant"] for r in rows})
+    for column in ("device", "torch", "transformers", "date"):
+        assert all(r[column] for r in rows), column  # every result says where and when it was measured
