@@ -79,6 +79,30 @@ def _layer_slices(
     return slices
 
 
+def _projected_weights(meta: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    return sorted((b["weight_name"], tuple(b["original_shape"])) for b in meta["layers"])
+
+
+def _check_same_layers(runs: list[tuple], reference: tuple[str, dict[str, Any]] | None) -> None:
+    """Every directory must project the same weights: only the dimension may differ.
+
+    Dot products of projections of different weight sets estimate different quantities, and
+    comparing them would silently give a meaningless error curve.
+    """
+    first_dir, first_meta = runs[0][0], runs[0][3]
+    expected = _projected_weights(first_meta)
+    others = [(d, meta) for d, _, _, meta in runs[1:]] + ([reference] if reference is not None else [])
+    for directory, meta in others:
+        got = _projected_weights(meta)
+        if got != expected:
+            diff = sorted({n for n, _ in set(got) ^ set(expected)})[:3]
+            raise UserFacingError(
+                f"{directory} and {first_dir} project different weights (e.g. {', '.join(diff)}); "
+                "compare directories that differ only in --proj_rank_total (same --proj_layers, "
+                "--include_embeddings and model)"
+            )
+
+
 def analyze(args: argparse.Namespace) -> dict[str, Any]:
     from hf_gradext.projection.full_grads import load_full_grads
     from hf_gradext.projection.kronecker import naive_project
@@ -88,9 +112,11 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         raise UserFacingError("--num_samples must be >= 2 (errors are over pairs of examples)")
     runs = [(d, *_rows_by_id(d)) for d in args.proj_dirs]
     if args.reference_kind == "projection":
-        ref_pos, ref_rows, _ = _rows_by_id(args.reference_dir)
+        ref_pos, ref_rows, ref_meta = _rows_by_id(args.reference_dir)
         full_meta = None
+        _check_same_layers(runs, (args.reference_dir, ref_meta))
     else:
+        _check_same_layers(runs, None)
         grads, ref_ids, full_meta = load_full_grads(args.reference_dir)
         ref_pos, ref_rows = {e: i for i, e in enumerate(ref_ids)}, grads
     common = set(ref_pos)

@@ -157,3 +157,24 @@ def test_cli_bad_reference_is_one_line_error(tmp_path, capsys):
         main(["--proj_dirs", str(dirs[0]), "--reference_kind", "full", "--reference_dir", str(tmp_path)]) == 2
     )
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("kind", ["projection", "full_layers"])
+def test_cli_refuses_directories_that_project_different_weights(tmp_path, kind, capsys):
+    dirs, fg = _write_dirs(tmp_path, ranks=(4, 16))
+    other = tmp_path / "mlp_only"
+    model = make_tiny_gpt2(seed=1)
+    proj = KroneckerProjector(model, layers="mlp", rank_total=16, rank_min=2, dtype="float32")
+    write_json_atomic(other.mkdir() or other / "metadata.json", proj.metadata())
+    batch = make_batch(lengths=(7, 6, 7, 5, 7, 7), seq=7, seed=2)
+    writer = ProjectionShardWriter(other, dtype=torch.float32)
+    writer.add(proj.project(batch), [{"example_id": i} for i in range(6)])
+    writer.close()
+    if kind == "projection":  # the reference projects fewer weights than the runs
+        argv = ["--proj_dirs", *map(str, dirs), "--reference_dir", str(other)]
+    else:  # one run differs from the others
+        argv = ["--proj_dirs", str(dirs[0]), str(other), "--reference_dir", str(fg)]
+    assert main([*argv, "--reference_kind", kind, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "project different weights" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # refused before any work
