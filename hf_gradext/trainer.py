@@ -28,6 +28,7 @@ CALLBACK_FACTORIES: tuple[str, ...] = (
     "hf_gradext.callbacks.throughput:build_callback",
     "hf_gradext.callbacks.collection:build_callback",
     "hf_gradext.callbacks.projection:build_callback",
+    "hf_gradext.callbacks.gqc_progress:build_callback",
 )
 
 # Dataset columns that name a sample for the per-sample consumers but are no model input. HF's
