@@ -72,6 +72,25 @@ def _setup_logging(args: Any) -> None:
         datasets.utils.logging.disable_progress_bar()
 
 
+def check_model_flags(args: Any, model: Any) -> None:
+    """The flag checks that need the model (layer selections of collection and projection).
+
+    Builds what the callbacks will build, then drops it, so a selection that matches nothing fails
+    before the datasets are tokenized.
+
+    Raises:
+        UserFacingError: naming the flag, with what the model offers.
+    """
+    if getattr(args, "collect_gradients", False):
+        from hf_gradext.callbacks.collection import build_collection_engine
+
+        build_collection_engine(args, model).remove()
+    if getattr(args, "project_gradients", False):
+        from hf_gradext.projection.projector import projector_from_args
+
+        projector_from_args(model, args).close()
+
+
 def run(args: Any) -> dict[str, float]:
     """Train (and evaluate) with already parsed ``GradExtArguments``; returns the combined metrics."""
     from transformers import EarlyStoppingCallback, default_data_collator, set_seed
@@ -92,17 +111,19 @@ def run(args: Any) -> dict[str, float]:
     set_seed(args.seed)
 
     # Rank 0 builds caches (tokenizer, datasets, metric module) first; the others then read them.
-    with args.main_process_first(desc="tokenizer and datasets"):
+    with args.main_process_first(desc="tokenizer"):
         tokenizer = load_tokenizer(args)
         config = build_config(args, tokenizer)
         block_size = resolve_block_size(args, tokenizer, config)
+    # The model before the data: flags that need it fail before a long tokenization, not after.
+    model = load_model(args, tokenizer, config)
+    check_model_flags(args, model)
+    with args.main_process_first(desc="datasets"):
         train_ds, eval_ds = build_datasets(args, tokenizer, block_size=block_size)
         metric = load_metric("token_accuracy") if eval_ds is not None else None
     logger.info(
         "blocks of %d tokens: %d train, %s eval", block_size, len(train_ds), len(eval_ds) if eval_ds else 0
     )
-
-    model = load_model(args, tokenizer, config)
 
     callbacks = []
     if args.early_stopping_patience is not None:

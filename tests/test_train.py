@@ -188,3 +188,25 @@ def test_bad_input_is_one_line_error_no_traceback(bad_input_runs, case):
     assert stderr.strip().splitlines()[-1] == error_lines[0]  # the error is the last thing printed
     assert len(stderr) < 2000, stderr
     assert not (tmp / f"out_{case}").exists()  # failed before writing anything
+
+
+@pytest.mark.parametrize(
+    ("flags", "flag"),
+    [
+        (
+            ["--collect_gradients", "--gradient_collection_layers", "nothingmatches"],
+            "--gradient_collection_layers",
+        ),
+        (["--project_gradients", "--proj_layers", "nothingmatches"], "--proj_layers"),
+    ],
+)
+def test_layer_selection_errors_come_before_the_datasets(tmp_path, monkeypatch, capsys, flags, flag):
+    import hf_gradext.data
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the datasets were built before the layer selection was checked")
+
+    monkeypatch.setattr(hf_gradext.data, "build_datasets", too_late)
+    assert main(["--output_dir", str(tmp_path / "out"), *QUICK_TRAIN_FLAGS, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {flag}=nothingmatches: ") and "matches no module" in err[-1]

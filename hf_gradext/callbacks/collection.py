@@ -58,18 +58,7 @@ class PerSampleGradientCallback(TrainerCallback):
         self.directory = resolve_collection_dir(args)
         self.use_loop = args.gradient_collection_method == "loop"
         model = trainer.model
-        try:
-            self.engine = CaptureEngine(
-                model,
-                args.gradient_collection_layers,
-                on_capture=None,
-                keep=False,
-                weight_grads=self.mode == "training",  # separate mode: a pure measurement pass
-            )
-        except UserFacingError as exc:
-            raise UserFacingError(
-                f"--gradient_collection_layers={args.gradient_collection_layers}: {exc}"
-            ) from None
+        self.engine = build_collection_engine(args, model)
         self.meter = PeakMemoryMeter(args.device if torch.cuda.is_available() else "cpu")
         self.collector = StepCollector(
             self.save,
@@ -261,6 +250,26 @@ class _ObserverAdapter:
 
     def after_microbatch(self, trainer: Any, inputs: dict[str, Any], loss: torch.Tensor) -> None:
         self.callback.after_microbatch(trainer, inputs, loss)
+
+
+def build_collection_engine(args: Any, model: torch.nn.Module) -> CaptureEngine:
+    """The capture engine ``--gradient_collection_layers`` selects on ``model``.
+
+    Raises:
+        UserFacingError: the selection matches nothing or an unsupported module (names the flag).
+    """
+    try:
+        return CaptureEngine(
+            model,
+            args.gradient_collection_layers,
+            on_capture=None,
+            keep=False,
+            weight_grads=args.gradient_collection_mode == "training",  # separate: a pure measurement pass
+        )
+    except UserFacingError as exc:
+        raise UserFacingError(
+            f"--gradient_collection_layers={args.gradient_collection_layers}: {exc}"
+        ) from None
 
 
 def build_callback(trainer: Any) -> PerSampleGradientCallback | None:

@@ -22,8 +22,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hf_gradext.arguments.projection import ProjectionArguments
-from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.observer import TrainingCaptureObserver
 from hf_gradext.projection.io import (
     DTYPES,
@@ -45,18 +43,6 @@ def projection_dir(args: Any) -> str:
     return args.proj_output_dir or os.path.join(args.output_dir, "projections")
 
 
-def resolve_proj_layers(args: Any, model: Any) -> str:
-    """``--proj_layers``; its default (``mlp,attn``) means the LoRA layers when the model is a peft model.
-
-    Under peft only the adapters train, and LoRA usually targets a subset of the blocks (GPT-2: ``c_attn``),
-    so the dense default would select layers without trainable weights.
-    """
-    default = ProjectionArguments.__dataclass_fields__["proj_layers"].default
-    if args.proj_layers == default and hasattr(model, "peft_config"):
-        return "lora"
-    return args.proj_layers
-
-
 class GradientProjectionCallback(TrainerCallback):
     """Writes projected per-sample gradients of every training microbatch (see module doc)."""
 
@@ -64,13 +50,7 @@ class GradientProjectionCallback(TrainerCallback):
         args = trainer.args
         self.args = args
         self.directory = projection_dir(args)
-        layers = resolve_proj_layers(args, trainer.model)
-        try:
-            self.projector = projector_from_args(trainer.model, args, layers=layers)
-        except UserFacingError as exc:
-            if str(exc).startswith("--proj_layers"):
-                raise
-            raise UserFacingError(f"--proj_layers={layers}: {exc}; pick layers from that list") from None
+        self.projector = projector_from_args(trainer.model, args)
         self.engine = self.projector.make_engine(weight_grads=True)
         self.observer = TrainingCaptureObserver(self.engine, on_done=self._on_done)
         trainer.add_microbatch_observer(self.observer)

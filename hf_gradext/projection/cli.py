@@ -14,6 +14,7 @@ from transformers import HfArgumentParser
 
 from hf_gradext.arguments.model import ModelDataArguments
 from hf_gradext.arguments.projection import ProjectionArguments
+from hf_gradext.devices import check_device
 from hf_gradext.errors import UserFacingError
 from hf_gradext.process_group import end_process_group
 from hf_gradext.projection.dataset_pass import ProjectRunArguments
@@ -109,6 +110,7 @@ def full_grads_main(argv: list[str] | None = None) -> int:
             )
         if fargs.layers == "projected" and not fargs.proj_metadata:
             raise UserFacingError("--layers projected needs --proj_metadata DIR/metadata.json")
+        check_device(fargs.device)
         out = run_full_grads(margs, fargs)
         print(
             f"wrote exact gradients of {out['examples']} examples ({out['total_param_dim']} values each) to {fargs.output_dir}"

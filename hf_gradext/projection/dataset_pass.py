@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hf_gradext.devices import check_device
 from hf_gradext.errors import UserFacingError
 from hf_gradext.projection.io import (
     DTYPES,
@@ -75,6 +76,7 @@ class ProjectRunArguments:
             raise UserFacingError(f"--batch_size={self.batch_size} must be >= 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise UserFacingError(f"--max_samples={self.max_samples} must be >= 1 (or unset for all)")
+        check_device(self.device, allow_auto=True)
 
 
 def _check_compatible(directory: Path, meta: dict[str, Any], overwrite: bool) -> None:
@@ -93,15 +95,30 @@ def _check_compatible(directory: Path, meta: dict[str, Any], overwrite: bool) ->
         )
 
 
-def _load(margs: Any, rargs: ProjectRunArguments, block_size: int | None) -> tuple[Any, Any, Any]:
+def load_model_for_pass(margs: Any, rargs: Any, block_size: int | None) -> tuple[Any, Any]:
+    """Tokenizer and model (sets ``margs.block_size``); a from-scratch model is seeded with ``rargs.seed``."""
     from transformers import set_seed
 
-    from hf_gradext.data import build_datasets, load_tokenizer
+    from hf_gradext.data import load_tokenizer
     from hf_gradext.models import build_config, load_model, resolve_block_size
 
     tokenizer = load_tokenizer(margs)
     config = build_config(margs, tokenizer)
     margs.block_size = resolve_block_size(margs, tokenizer, config) if block_size is None else block_size
+    set_seed(rargs.seed)  # a from-scratch model must be identical on every rank and every resume
+    model = load_model(margs, tokenizer, config)
+    if (
+        getattr(margs, "model_dtype", None) not in (None, "auto")
+        and getattr(margs, "model_name_or_path", None) is None
+    ):
+        model = model.to(getattr(torch, margs.model_dtype))
+    return tokenizer, model
+
+
+def load_data_for_pass(margs: Any, rargs: Any, tokenizer: Any) -> Any:
+    """The ``--split`` of the tokenized blocks, cut to ``--max_samples``."""
+    from hf_gradext.data import build_datasets
+
     train, evaluation = build_datasets(margs, tokenizer, block_size=margs.block_size)
     data = train if rargs.split == "train" else evaluation
     if data is None:
@@ -110,14 +127,7 @@ def _load(margs: Any, rargs: ProjectRunArguments, block_size: int | None) -> tup
         )
     if rargs.max_samples is not None:
         data = data.select(range(min(rargs.max_samples, len(data))))
-    set_seed(rargs.seed)  # a from-scratch model must be identical on every rank and every resume
-    model = load_model(margs, tokenizer, config)
-    if (
-        getattr(margs, "model_dtype", None) not in (None, "auto")
-        and getattr(margs, "model_name_or_path", None) is None
-    ):
-        model = model.to(getattr(torch, margs.model_dtype))
-    return tokenizer, data, model
+    return data
 
 
 def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[str, Any]:
@@ -136,9 +146,11 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
             stale.unlink()
     state.wait_for_everyone()
     with state.main_process_first():
-        tokenizer, data, model = _load(margs, rargs, getattr(margs, "block_size", None))
+        tokenizer, model = load_model_for_pass(margs, rargs, getattr(margs, "block_size", None))
     model.to(device).eval()
-    projector = projector_from_args(model, pargs)
+    projector = projector_from_args(model, pargs)  # a bad --proj_layers fails here, before the data
+    with state.main_process_first():
+        data = load_data_for_pass(margs, rargs, tokenizer)
     meta = projector.metadata()
     if state.is_main_process:
         _check_compatible(directory, meta, rargs.overwrite)

@@ -23,17 +23,22 @@ META_FILE = "fullgrad_meta.json"
 
 def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
     from hf_gradext.grad import per_sample_gradients
-    from hf_gradext.projection.dataset_pass import ProjectRunArguments, _load
+    from hf_gradext.projection.dataset_pass import (
+        ProjectRunArguments,
+        load_data_for_pass,
+        load_model_for_pass,
+    )
     from hf_gradext.projection.projector import KroneckerProjector
     from hf_gradext.store import ShardWriter
 
     rargs = ProjectRunArguments(max_samples=fargs.max_samples, split=fargs.split, seed=fargs.seed)
-    _, data, model = _load(margs, rargs, getattr(margs, "block_size", None))
+    tokenizer, model = load_model_for_pass(margs, rargs, getattr(margs, "block_size", None))
     model.to(fargs.device).eval()
     layers, keep = fargs.layers, None
-    if layers == "projected":
+    if layers == "projected":  # a metadata.json that does not fit the model fails before the data
         projector = KroneckerProjector.from_metadata(fargs.proj_metadata, model)
         layers, keep = projector.capture_layers(), [b.weight_name for b in projector.blocks]
+    data = load_data_for_pass(margs, rargs, tokenizer)
     dtype = getattr(torch, fargs.grad_dtype)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     writer = ShardWriter(fargs.output_dir, prefix=PREFIX, flag="--output_dir")

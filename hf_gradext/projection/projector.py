@@ -392,16 +392,42 @@ def _shares_embedding_weight(root: nn.Module, weight: torch.Tensor) -> bool:
     return any(isinstance(m, nn.Embedding) and m.weight is weight for m in root.modules())
 
 
+def resolve_proj_layers(args: Any, model: nn.Module) -> str:
+    """``--proj_layers``; its default (``mlp,attn``) means the LoRA layers when the model is a peft model.
+
+    Under peft only the adapters train, and LoRA usually targets a subset of the blocks (GPT-2: ``c_attn``),
+    so the dense default would select layers without trainable weights.
+    """
+    from hf_gradext.arguments.projection import ProjectionArguments
+
+    default = ProjectionArguments.__dataclass_fields__["proj_layers"].default
+    if args.proj_layers == default and hasattr(model, "peft_config"):
+        return "lora"
+    return args.proj_layers
+
+
 def projector_from_args(model: nn.Module, args: Any, layers: str | None = None) -> KroneckerProjector:
-    """A :class:`KroneckerProjector` configured by the ``--proj_*`` / ``--include_embeddings`` flags
-    (``layers`` overrides ``--proj_layers``)."""
-    return KroneckerProjector(
-        model,
-        layers=args.proj_layers if layers is None else layers,
-        rank_total=args.proj_rank_total,
-        rank_min=args.proj_rank_min,
-        seed=args.proj_seed,
-        row_orthonormal=args.proj_row_orthonormal,
-        include_embeddings=args.include_embeddings,
-        dtype=args.proj_dtype,
-    )
+    """A :class:`KroneckerProjector` configured by the ``--proj_*`` / ``--include_embeddings`` flags.
+
+    ``layers`` overrides ``--proj_layers`` (whose default means the LoRA layers of a peft model, see
+    :func:`resolve_proj_layers`).
+
+    Raises:
+        UserFacingError: naming ``--proj_layers`` when the selection fits no layer, or the rank flag.
+    """
+    chosen = resolve_proj_layers(args, model) if layers is None else layers
+    try:
+        return KroneckerProjector(
+            model,
+            layers=chosen,
+            rank_total=args.proj_rank_total,
+            rank_min=args.proj_rank_min,
+            seed=args.proj_seed,
+            row_orthonormal=args.proj_row_orthonormal,
+            include_embeddings=args.include_embeddings,
+            dtype=args.proj_dtype,
+        )
+    except UserFacingError as exc:
+        if str(exc).startswith("--proj_"):
+            raise
+        raise UserFacingError(f"--proj_layers={chosen}: {exc}; pick layers from that list") from None

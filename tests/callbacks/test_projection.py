@@ -95,7 +95,7 @@ def test_bad_layer_selection_names_the_flag(tmp_path):
 def test_peft_model_with_default_layers_projects_the_lora_layers(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from hf_gradext.callbacks.projection import resolve_proj_layers
+    from hf_gradext.projection.projector import resolve_proj_layers
 
     args = _args(tmp_path)
     dense = make_tiny_gpt2(dtype=torch.float32)

@@ -190,13 +190,40 @@ def test_projector_from_run_metadata_matches_stored_rows(reference_run):
     from transformers import set_seed
 
     from hf_gradext.arguments.model import ModelDataArguments
-    from hf_gradext.projection.dataset_pass import ProjectRunArguments, _load
+    from hf_gradext.projection.dataset_pass import (
+        ProjectRunArguments,
+        load_data_for_pass,
+        load_model_for_pass,
+    )
 
     margs = ModelDataArguments(config_overrides="n_layer=2,n_embd=32,n_head=2", block_size=16)
     margs._validate_model_data()
     set_seed(0)
-    _, data, model = _load(margs, ProjectRunArguments(max_samples=4, seed=3), 16)
+    rargs = ProjectRunArguments(max_samples=4, seed=3)
+    tokenizer, model = load_model_for_pass(margs, rargs, 16)
+    data = load_data_for_pass(margs, rargs, tokenizer)
     proj = KroneckerProjector.from_metadata(reference_run, model.eval())
     batch = {k: torch.as_tensor(data[:4][k]) for k in ("input_ids", "labels")}  # blocks: no mask
     rows, _, _ = load_projections(reference_run)
     torch.testing.assert_close(proj.project(batch), rows[:4], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_layers_fail_before_the_datasets(tmp_path, monkeypatch, capsys):
+    import hf_gradext.data
+    from hf_gradext.projection.cli import project_main
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the datasets were built before the projector was checked")
+
+    monkeypatch.setattr(hf_gradext.data, "build_datasets", too_late)
+    argv = [
+        "--output_dir",
+        str(tmp_path / "p"),
+        "--proj_layers",
+        "zzz",
+        "--max_samples",
+        "2",
+        "--disable_tqdm",
+    ]
+    assert project_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --proj_layers=zzz: ")
