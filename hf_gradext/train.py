@@ -7,9 +7,11 @@ model (+ patches, LoRA) -> train -> save model, tokenizer, metrics and trainer s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -17,29 +19,66 @@ from hf_gradext.errors import UserFacingError
 
 logger = logging.getLogger("hf_gradext.train")
 _RESUME_LATEST = ("true", "latest", "last")
+_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME, written last in a checkpoint
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """Whether a ``checkpoint-*`` folder finished saving.
+
+    transformers writes ``trainer_state.json`` last (after model, optimizer, scheduler and RNG state), so
+    a folder whose state file is missing or unreadable was cut short, e.g. by a killed process.
+    """
+    try:
+        with open(os.path.join(path, TRAINER_STATE_FILE)) as fh:
+            json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-step ``checkpoint-*`` of ``output_dir`` that finished saving (interrupted ones skipped)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = {}
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.fullmatch(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps[int(match.group(1))] = os.path.join(output_dir, name)
+    for step in sorted(steps, reverse=True):
+        if is_complete_checkpoint(steps[step]):
+            return steps[step]
+        logger.warning(
+            "skipping %s: its save was interrupted (no readable %s)", steps[step], TRAINER_STATE_FILE
+        )
+    return None
 
 
 def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
-    """``--resume_from_checkpoint``: a path, or ``True``/``latest`` for the newest ``checkpoint-*`` in output_dir.
+    """``--resume_from_checkpoint``: a path, or ``True``/``latest`` for the newest complete ``checkpoint-*``.
 
     Raises:
-        UserFacingError: the path does not exist, or ``latest`` finds no checkpoint.
+        UserFacingError: the path does not exist or was not fully saved, or ``latest`` finds no checkpoint.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     if resume is None or str(resume).lower() in ("false", "none", ""):
         return None
     if str(resume).lower() in _RESUME_LATEST:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = newest_complete_checkpoint(output_dir)
         if last is None:
             raise UserFacingError(
-                f"--resume_from_checkpoint {resume}: no checkpoint-* directory in --output_dir {output_dir!r}; "
-                f"pass a checkpoint path or train without resuming first"
+                f"--resume_from_checkpoint {resume}: no complete checkpoint-* directory in --output_dir "
+                f"{output_dir!r}; pass a checkpoint path or train without resuming first"
             )
         return last
     if not os.path.isdir(resume):
         raise UserFacingError(
             f"--resume_from_checkpoint {resume!r} is not a directory; pass a checkpoint-* directory or 'latest'"
+        )
+    if not is_complete_checkpoint(resume):
+        raise UserFacingError(
+            f"--resume_from_checkpoint {resume!r} was not fully saved (no readable {TRAINER_STATE_FILE}: the "
+            "run was stopped while saving); pass an earlier checkpoint or 'latest'"
         )
     return resume
 

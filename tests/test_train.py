@@ -109,16 +109,49 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
         == 0
     )
     assert read_json(full / "trainer_state.json")["global_step"] == 8
+    # A save cut short (no trainer_state.json: it is written last) is never resumed from.
+    (full / "checkpoint-8" / "trainer_state.json").unlink()
+    assert resolve_checkpoint("latest", str(full)).endswith("checkpoint-6")
 
 
 def test_resume_errors(tmp_path):
     from hf_gradext.errors import UserFacingError
 
-    with pytest.raises(UserFacingError, match="no checkpoint"):
+    with pytest.raises(UserFacingError, match="no complete checkpoint"):
         resolve_checkpoint("True", str(tmp_path))
     with pytest.raises(UserFacingError, match="not a directory"):
         resolve_checkpoint(str(tmp_path / "nope"), str(tmp_path))
     assert resolve_checkpoint(None, str(tmp_path)) is None
+
+
+def _fake_checkpoint(path, complete: bool, state_text: str = '{"global_step": 1}'):
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        (path / "trainer_state.json").write_text(state_text)
+
+
+def test_latest_skips_checkpoints_whose_save_was_interrupted(tmp_path, caplog):
+    from hf_gradext.errors import UserFacingError
+
+    _fake_checkpoint(tmp_path / "checkpoint-2", complete=True)
+    _fake_checkpoint(tmp_path / "checkpoint-10", complete=True)
+    _fake_checkpoint(tmp_path / "checkpoint-12", complete=True, state_text='{"global_st')  # cut mid-write
+    _fake_checkpoint(tmp_path / "checkpoint-14", complete=False)  # killed before the state file
+    (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
+    with caplog.at_level("WARNING", logger="hf_gradext.train"):
+        assert resolve_checkpoint("latest", str(tmp_path)) == str(
+            tmp_path / "checkpoint-10"
+        )  # by step, not name
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint-14" in skipped and "checkpoint-12" in skipped
+    with pytest.raises(UserFacingError, match="was not fully saved"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-14"), str(tmp_path))
+    assert resolve_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    empty = tmp_path / "only_broken"
+    _fake_checkpoint(empty / "checkpoint-3", complete=False)
+    with pytest.raises(UserFacingError, match="no complete checkpoint"):
+        resolve_checkpoint("latest", str(empty))
 
 
 def test_early_stopping_stops_before_max_steps(tmp_path):
