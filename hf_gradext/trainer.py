@@ -96,6 +96,19 @@ class GradExtTrainer(Trainer):
     def remove_microbatch_observer(self, observer: MicrobatchObserver) -> None:
         self._microbatch_observers.remove(observer)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """HF's ``train``; ``resume_from_checkpoint=True`` takes the newest checkpoint that finished saving.
+
+        (transformers would take the newest ``checkpoint-*`` folder, even one a killed run left half-written.)
+        """
+        if resume_from_checkpoint is True:
+            from hf_gradext.checkpoints import newest_complete_checkpoint
+
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def training_step(
         self,
         model: nn.Module,

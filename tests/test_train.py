@@ -139,7 +139,7 @@ def test_latest_skips_checkpoints_whose_save_was_interrupted(tmp_path, caplog):
     _fake_checkpoint(tmp_path / "checkpoint-12", complete=True, state_text='{"global_st')  # cut mid-write
     _fake_checkpoint(tmp_path / "checkpoint-14", complete=False)  # killed before the state file
     (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
-    with caplog.at_level("WARNING", logger="hf_gradext.train"):
+    with caplog.at_level("WARNING", logger="hf_gradext.checkpoints"):
         assert resolve_checkpoint("latest", str(tmp_path)) == str(
             tmp_path / "checkpoint-10"
         )  # by step, not name
