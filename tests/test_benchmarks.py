@@ -76,3 +76,23 @@ def test_benchmark_script_runs_and_writes_its_csv(script, tmp_path):
     assert variants <= {r["variant"] for r in rows}, sorted({r["variant"] for r in rows})
     for column in ("device", "torch", "transformers", "date"):
         assert all(r[column] for r in rows), column  # every result says where and when it was measured
+
+
+@pytest.mark.slow
+def test_gpu_run_script_plumbing_in_toy_mode(tmp_path):
+    """``gpu_run.sh`` (what a session with a lent GPU runs): parts, output names, the log of exit codes."""
+    script = BENCH_DIR / "gpu_run.sh"
+    env = {**os.environ, "TOY": "1", "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    bad = subprocess.run(
+        ["bash", str(script), "nonsense"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "unknown part" in bad.stderr
+    proc = subprocess.run(
+        ["bash", str(script), "quality"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "quality.log").read_text()
+    assert "torch" in log and "=== gqc_quality exit 0" in log
+    assert (tmp_path / "gqc_quality_toy.csv").stat().st_size > 0 and (
+        tmp_path / "gqc_quality_toy.png"
+    ).exists()

@@ -11,11 +11,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PART="${1:?usage: gpu_run.sh engine|train|quality}"
+case "$PART" in engine|train|quality) ;; *) echo "unknown part $PART: engine, train or quality" >&2; exit 2 ;; esac
 DEST="${OUT:-$PWD/gpu_results}"
 mkdir -p "$DEST"
 LOG="$DEST/$PART.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "${TOY:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then  # TOY runs use this machine's packages
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -59,5 +60,4 @@ case "$PART" in
   quality)
     run gqc_quality 560 env "${Q_ENV[@]}" QUALITY_OUT="$DEST/gqc_quality$SUFFIX" python3 $B/gqc_quality.py
     ;;
-  *) echo "unknown part $PART: engine, train or quality" >&2; exit 2 ;;
 esac
