@@ -77,9 +77,14 @@ class LossScale:
     def from_token_sum(
         cls, counts: Tensor, multiplier: float | Tensor, attention_mask: Tensor | None = None
     ) -> LossScale:
-        """``loss = multiplier * sum_i S_i`` with ``counts[i] = n_i``: scale ``1 / (multiplier n_i)``."""
-        n = counts.detach().to("cpu", torch.float64)
-        mult = float(multiplier)
+        """``loss = multiplier * sum_i S_i`` with ``counts[i] = n_i``: scale ``1 / (multiplier n_i)``.
+
+        Computed on ``counts``' device and never read back to the host: on a GPU, arming a capture
+        costs no synchronization (the CPU keeps queueing work ahead of the GPU).
+        """
+        dtype = _exact_dtype(counts.device)
+        n = counts.detach().to(dtype)  # (B,)
+        mult = multiplier.detach().to(n.device, dtype) if isinstance(multiplier, Tensor) else multiplier
         scale = torch.where(n > 0, 1.0 / (mult * n.clamp_min(1)), torch.zeros_like(n))
         return cls(scale, attention_mask)
 
@@ -87,8 +92,8 @@ class LossScale:
     def batch_mean(cls, batch: Mapping[str, Any], shift: bool = True) -> LossScale:
         """The backwarded loss is the token mean over this batch (HF's default ``model(**batch).loss``)."""
         counts = valid_token_counts(batch["labels"], shift=shift)
-        total = int(counts.sum())
-        return cls.from_token_sum(counts, 1.0 / max(total, 1), batch.get("attention_mask"))
+        total = counts.sum().clamp_min(1)  # a device scalar: no host sync
+        return cls.from_token_sum(counts, reciprocal(total), batch.get("attention_mask"))
 
     @classmethod
     def hf_window(
@@ -105,8 +110,8 @@ class LossScale:
         accumulation divisors and an AMP grad-scaler scale (see :mod:`hf_gradext.grad.observer`).
         """
         counts = valid_token_counts(batch["labels"], shift=shift)
-        n_items = float(num_items_in_batch)
-        return cls.from_token_sum(counts, loss_multiplier / n_items, batch.get("attention_mask"))
+        mult = reciprocal(num_items_in_batch) * loss_multiplier
+        return cls.from_token_sum(counts, mult, batch.get("attention_mask"))
 
     def row_scale(self, batch: int, seq: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """``(B, T, 1)`` (or ``(B, 1, 1)``) multiplier for an output gradient ``(B, T, d)``."""
@@ -114,11 +119,24 @@ class LossScale:
         if key not in self._cache:
             if batch != self.batch_size:
                 raise ValueError(f"captured gradient has batch {batch}, loss scale expects {self.batch_size}")
-            s = self.sample_scale.to(device=device, dtype=torch.float64).view(-1, 1)  # (B, 1)
+            exact = _exact_dtype(device)
+            s = self.sample_scale.to(device=device, dtype=exact).view(-1, 1)  # (B, 1)
             if self.token_mask is not None and self.token_mask.shape[-1] == seq:
-                s = s * self.token_mask.to(device=device, dtype=torch.float64)  # (B, T)
+                s = s * self.token_mask.to(device=device, dtype=exact)  # (B, T)
             self._cache[key] = s.to(dtype).unsqueeze(-1)
         return self._cache[key]
+
+
+def reciprocal(x: Tensor | float) -> Tensor | float:
+    """``1 / x`` in float64 (a device scalar stays on its device: no host sync); plain numbers as floats."""
+    if isinstance(x, Tensor):
+        return 1.0 / x.detach().to(_exact_dtype(x.device))
+    return 1.0 / float(x)
+
+
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the scale arithmetic, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def resolve_scale(info: LossScale | Mapping[str, Any] | None, model: nn.Module) -> LossScale | None:

@@ -21,7 +21,7 @@ import torch
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.capture import CaptureEngine
-from hf_gradext.grad.loss_scaling import LossScale, shifts_labels, valid_token_counts
+from hf_gradext.grad.loss_scaling import LossScale, reciprocal, shifts_labels, valid_token_counts
 
 
 def hf_trainer_loss_scale(
@@ -49,23 +49,25 @@ def hf_trainer_loss_scale(
         counts = valid_token_counts(inputs["labels"], shift=shifts_labels(trainer.model))
 
     accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+    # ``mult`` may stay a device scalar: reading it (or the counts) on the host would sync the GPU.
+    mult: float | torch.Tensor
     if accepts and num_items_in_batch is not None:
-        mult = 1.0 / float(num_items_in_batch)
+        mult = reciprocal(num_items_in_batch)
         if args.average_tokens_across_devices:
-            mult *= trainer.accelerator.num_processes // trainer.get_tp_size()
+            mult = mult * (trainer.accelerator.num_processes // trainer.get_tp_size())
     else:
-        mult = 1.0 / max(int(counts.sum()), 1)
+        mult = reciprocal(counts.sum().clamp_min(1))
     scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
     if scaled_for_ga is None:
         scaled_for_ga = accepts and num_items_in_batch is not None
     if not scaled_for_ga:
-        mult /= trainer.current_gradient_accumulation_steps
+        mult = mult / trainer.current_gradient_accumulation_steps
     accelerator = trainer.accelerator
     if accelerator.distributed_type != "DEEPSPEED":  # a str enum; deepspeed scales by itself
-        mult /= accelerator.gradient_accumulation_steps
+        mult = mult / accelerator.gradient_accumulation_steps
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and scaler.is_enabled():
-        mult *= float(scaler.get_scale())  # fp16: the backwarded loss is multiplied by the scale
+        mult = mult * float(scaler.get_scale())  # fp16: the backwarded loss is multiplied by the scale
     return LossScale.from_token_sum(counts, mult, inputs.get("attention_mask"))
 
 

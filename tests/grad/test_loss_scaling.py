@@ -28,6 +28,29 @@ def test_batch_mean_and_hf_window_and_row_scale():
     assert rows.shape == (2, 5, 1) and rows[1, 3:].abs().sum() == 0 and rows[1, 0, 0] == 3.0
 
 
+def test_scale_never_reads_device_values_on_the_host():
+    # Meta tensors have no data: any host read (.item(), float(), .cpu(), .tolist()) would raise, just as
+    # on a GPU it would block the CPU until the GPU caught up. Arming a capture must do neither.
+    meta = torch.device("meta")
+    labels = torch.zeros(3, 6, dtype=torch.long, device=meta)
+    batch = {"labels": labels, "attention_mask": torch.ones(3, 6, dtype=torch.long, device=meta)}
+    for scale in (
+        LossScale.batch_mean(batch),
+        LossScale.hf_window(batch, torch.tensor(40, device=meta), loss_multiplier=2.0),
+        LossScale.from_token_sum(valid_token_counts(labels), torch.tensor(0.5, device=meta)),
+    ):
+        assert scale.sample_scale.device == meta and scale.sample_scale.dtype == torch.float64
+        assert scale.row_scale(3, 6, meta, torch.bfloat16).shape in ((3, 6, 1), (3, 1, 1))
+
+
+def test_int_item_counts_keep_float64_precision():
+    # 1/3 in float32 would be off by ~1e-8 relative; the float64 oracle tests need ~1e-16.
+    w = LossScale.hf_window({"labels": torch.tensor([[1, 2, 3, 4]])}, torch.tensor(3), loss_multiplier=1.0)
+    assert w.sample_scale.item() == 3 / 3 * (1.0)
+    m = LossScale.batch_mean({"labels": torch.tensor([[1, 2, 3, 4], [1, 2, -100, -100]])})
+    assert m.sample_scale.tolist() == [4 / 3, 4 / 1]
+
+
 def test_shifts_labels_and_resolve():
     model = tiny_gpt2()
     assert shifts_labels(model) and not shifts_labels(nn.Linear(2, 2))
