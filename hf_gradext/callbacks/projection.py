@@ -8,8 +8,12 @@ gradient is materialized, no extra forward/backward). Rows are buffered and writ
 Index rows: ``example_id`` (the dataset's ``example_id`` column when the batch carries it, else -1),
 ``position`` (running sample counter of this rank), ``step`` (the optimizer step this microbatch's
 gradient feeds into: ``global_step + 1`` during the window, the same convention as gradient collection),
-``epoch``, ``rank``. Resuming from a checkpoint at step S first removes rows with ``step > S`` written by
-this rank (they are recomputed), so no step is duplicated or missing.
+``epoch``, ``rank``. Before each checkpoint, every row of the steps it covers is written to disk; resuming
+from a checkpoint at step S first removes rows with ``step > S`` written by this rank (they are
+recomputed), so no step is duplicated or missing.
+
+On a GPU the rows of microbatch ``k`` are copied to (pinned) host memory asynchronously and handed to the
+writer while microbatch ``k + 1`` runs, so the training loop never waits for the GPU on their account.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +41,28 @@ from hf_gradext.projection.io import (
 from hf_gradext.projection.projector import projector_from_args
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _RowsInFlight:
+    """One microbatch's projected rows whose device-to-host copy may still be running."""
+
+    rows: torch.Tensor  # (B, D) host tensor (pinned when it came from a GPU)
+    ids: torch.Tensor | list | None
+    n: int
+    position: int
+    step: int
+    epoch: float
+    ready: Any = None  # torch.cuda.Event recorded after the copies (None on CPU)
+
+
+def _copy_to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying ``t`` to host memory without waiting for it (pinned memory makes it asynchronous)."""
+    if not t.is_cuda:
+        return t.detach().cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    return host
 
 
 def projection_dir(args: Any) -> str:
@@ -60,6 +87,7 @@ class GradientProjectionCallback(TrainerCallback):
         self.position = 0
         self.microbatches = 0
         self.seconds_in_collect = 0.0
+        self._in_flight: _RowsInFlight | None = None  # last microbatch's rows, on their way to the host
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -84,31 +112,81 @@ class GradientProjectionCallback(TrainerCallback):
 
     def _on_done(self, engine: Any, inputs: dict[str, Any]) -> None:
         start = time.perf_counter()
-        rows = self.projector.collect()  # (B, D)
+        if self.writer is None:  # training_step called outside train(): nowhere to write
+            raise RuntimeError("GradientProjectionCallback: on_train_begin was not called")
+        rows = self.projector.collect().detach().to(self.writer.dtype)  # (B, D), on the model's device
         n = rows.shape[0]
         ids = inputs.get("example_id")
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids) if ids is not None else [-1] * n
         state = self.trainer.state
+        batch = _RowsInFlight(
+            rows=_copy_to_host(rows),
+            ids=_copy_to_host(ids) if isinstance(ids, torch.Tensor) else ids,
+            n=n,
+            position=self.position,
+            step=int(state.global_step) + 1,  # the optimizer step this gradient feeds into
+            epoch=float(state.epoch or 0.0),
+        )
+        if rows.is_cuda:
+            batch.ready = torch.cuda.Event()
+            batch.ready.record()
+        # Write the previous microbatch's rows, not these: their copy finished long ago, so nothing here
+        # waits for the GPU, and the CPU keeps queueing the next step ahead of it.
+        previous, self._in_flight = self._in_flight, batch
+        if previous is not None:
+            self._write(previous)
+        self.position += n
+        self.microbatches += 1
+        self.seconds_in_collect += time.perf_counter() - start
+
+    def _write(self, batch: _RowsInFlight) -> None:
+        if batch.ready is not None:
+            batch.ready.synchronize()
+        ids = batch.ids.tolist() if isinstance(batch.ids, torch.Tensor) else batch.ids
+        ids = list(ids) if ids is not None else [-1] * batch.n
         index = [
             {
                 "example_id": int(ids[i]),
-                "position": self.position + i,
-                "step": int(state.global_step) + 1,  # the optimizer step this gradient feeds into
-                "epoch": float(state.epoch or 0.0),
+                "position": batch.position + i,
+                "step": batch.step,
+                "epoch": batch.epoch,
                 "rank": self.rank,
             }
-            for i in range(n)
+            for i in range(batch.n)
         ]
-        self.position += n
-        self.microbatches += 1
-        if self.writer is None:  # training_step called outside train(): nowhere to write
-            raise RuntimeError("GradientProjectionCallback: on_train_begin was not called")
-        self.writer.add(rows, index)
-        self.seconds_in_collect += time.perf_counter() - start
+        self.writer.add(batch.rows, index)
+
+    def flush(self) -> None:
+        """Hand the rows still in flight to the shard writer (buffered per ``--proj_save_interval``)."""
+        if self._in_flight is not None:
+            batch, self._in_flight = self._in_flight, None
+            self._write(batch)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if control.should_save:
+            self._persist()
+        return control
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if control.should_save:  # save_strategy=epoch decides here, after the epoch's last step
+            self._persist()
+        return control
+
+    def _persist(self) -> None:
+        """Every row of the steps a checkpoint is about to claim goes to disk first.
+
+        A run killed after the checkpoint then resumes from it with no step missing (later steps are
+        pruned and recomputed on resume), whatever ``--proj_save_interval`` buffers.
+        """
+        if self.writer is None:
+            return
+        self.flush()
+        self.writer.write_pending()
+        self.writer.writer.flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.writer is None:
             return
+        self.flush()
         self.writer.close()
         stats = {
             "rank": self.rank,

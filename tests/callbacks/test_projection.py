@@ -144,3 +144,38 @@ def test_resume_rewrites_rerun_steps_without_duplicates_or_gaps(tmp_path):
     run("cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
     resumed = sorted(_index(tmp_path / "cut" / "projections"))
     assert resumed == sorted(full)
+
+
+def test_every_row_a_checkpoint_covers_is_on_disk_when_it_is_saved(tmp_path):
+    """Shards are buffered (save_interval 100 here), yet a checkpoint never claims rows not on disk."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class OnDiskAtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen[state.global_step] = sorted({step for step, _ in _index(tmp_path / "out" / "projections")})
+
+    args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1, proj_save_interval=100)
+    trainer = GradExtTrainer(
+        model=make_tiny_gpt2(dtype=torch.float32),
+        args=args,
+        train_dataset=_BlocksWithIds(n=16),
+        data_collator=default_data_collator,
+        callbacks=[OnDiskAtSave()],
+    )
+    trainer.train()
+    assert seen == {s: list(range(1, s + 1)) for s in (1, 2, 3, 4)}
+    assert len(_index(tmp_path / "out" / "projections")) == 16  # 4 steps x 2 microbatches x 2 samples
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy path needs CUDA")
+def test_async_host_copy_of_gpu_rows_is_exact():
+    from hf_gradext.callbacks.projection import _copy_to_host
+
+    x = torch.randn(8, 4096, device="cuda").to(torch.bfloat16)
+    host = _copy_to_host(x)
+    event = torch.cuda.Event()
+    event.record()
+    event.synchronize()
+    assert host.device.type == "cpu" and host.is_pinned() and torch.equal(host, x.cpu())
