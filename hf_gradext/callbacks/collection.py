@@ -110,6 +110,10 @@ class PerSampleGradientCallback(TrainerCallback):
     def _ids(self, inputs: dict[str, Any], n: int) -> list[Any]:
         # Without an example_id column: (step, microbatch, row) identifies the sample.
         fallback = [f"{self._step}:{self._microbatch}:{j}" for j in range(n)]
+        if self.save == "stats":
+            # Statistics name no sample, and reading a device tensor here would make the CPU wait for
+            # the GPU before every collected forward.
+            return fallback
         return example_ids_of(inputs, n, fallback)
 
     # ------------------------------------------------------------------ training mode (observer)

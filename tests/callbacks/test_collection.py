@@ -330,3 +330,15 @@ def test_write_failure_surfacing_inside_the_backward_follows_on_error(tmp_path, 
         trainer.train()
         assert trainer.state.global_step == 3 and not cb.enabled
     assert load_gradients(tmp_path / "gradients").steps == [1]
+
+
+def test_stats_mode_never_reads_example_ids_from_the_device():
+    from types import SimpleNamespace
+
+    from hf_gradext.callbacks.collection import PerSampleGradientCallback
+
+    inputs = {"example_id": torch.arange(2, device="meta")}  # any host read of a meta tensor raises
+    stats = SimpleNamespace(save="stats", _step=3, _microbatch=1)
+    assert PerSampleGradientCallback._ids(stats, inputs, 2) == ["3:1:0", "3:1:1"]
+    on_disk = SimpleNamespace(save="norms", _step=3, _microbatch=1)
+    assert PerSampleGradientCallback._ids(on_disk, {"example_id": torch.tensor([7, 9])}, 2) == [7, 9]
