@@ -38,21 +38,23 @@ def _all_reduce_sum(values: torch.Tensor, trainer) -> torch.Tensor:
     return values
 
 
-def _counts(trainer, inputs: dict[str, Any] | None) -> tuple[float, float, float]:
-    """(label tokens the loss averages over, input tokens, samples) of one microbatch, local."""
-    if inputs is None:
-        return 0.0, 0.0, 0.0
+def _counts(trainer, inputs: dict[str, Any]) -> tuple[torch.Tensor | float, torch.Tensor | float, float]:
+    """(label tokens the loss averages over, input tokens, samples) of one microbatch, local.
+
+    Token counts stay device tensors: they travel to the host with the post-backward reduction, so
+    counting costs no GPU wait before the forward.
+    """
     ids = inputs.get("input_ids")
     samples = float(ids.shape[0]) if ids is not None else 0.0
     mask = inputs.get("attention_mask")
-    tokens = float(mask.sum()) if mask is not None else float(ids.numel()) if ids is not None else 0.0
+    tokens = mask.sum() if mask is not None else float(ids.numel()) if ids is not None else 0.0
     if "shift_labels" in inputs:
         labels = inputs["shift_labels"]
     elif "labels" in inputs:
         labels = inputs["labels"][..., 1:] if _shifts_labels(trainer) else inputs["labels"]
     else:
         return samples, tokens, samples  # no labels: one item per sample
-    return float(labels.ne(-100).sum()), tokens, samples
+    return labels.ne(-100).sum(), tokens, samples
 
 
 def _shifts_labels(trainer) -> bool:
@@ -166,45 +168,50 @@ def run_gqc_epoch(
     current = fetch()
     if rng_to_sync:
         trainer._load_rng_state(resume_from_checkpoint)
-    stopped_by_budget = exhausted = False
-    while True:
+    # Whether every rank has a first microbatch; later ones are agreed in each post-backward reduction.
+    has_next = float(current is not None)
+    if world > 1:
+        has_next = _all_reduce_sum(
+            torch.tensor([has_next], dtype=torch.float64, device=device), trainer
+        ).item()
+    stopped_by_budget, exhausted = False, has_next < world
+    # Post-backward reduction layout: [non-finite flag, loss, ||grad||^2, label items, input tokens,
+    # samples, ranks with a next microbatch, per-rank microbatch norm (world), per-rank metric (world)].
+    norms_at, metrics_at = 7, 7 + world
+    while has_next >= world:
         upcoming = fetch()
-        items, tokens, samples = _counts(trainer, current)
-        agree = torch.tensor(
-            [current is not None, upcoming is not None, items, tokens, samples],
-            dtype=torch.float64,
-            device=device,
-        )
-        has_cur, has_next, items, tokens, samples = _all_reduce_sum(agree, trainer).tolist()
-        if has_cur < world:  # some rank has no data left: every rank stops here
-            exhausted = True
-            break
-        core.add_microbatch(items=items, tokens=tokens, samples=int(samples))
-        run.microbatches_in_epoch += 1
-        last = has_next < world or run.budget_reached()
-        if core.window_k == 1:
+        if core.window_k == 0:
             trainer.control = trainer.callback_handler.on_step_begin(args, trainer.state, trainer.control)
 
         trainer.accelerator.gradient_state._set_sync_gradients(True)
-        local_items = _counts(trainer, current)[0]
+        local_items, local_tokens, local_samples = _counts(trainer, current)
         loss = trainer.training_step(model, current, one)  # token sum (x loss_mult) or microbatch mean
         trainer.current_flos += float(trainer.floating_point_ops(current))
         trainer._track_num_input_tokens(current)
 
-        # ---- one reduction: [non-finite flag, loss, ||grad||^2, per-rank microbatch norm, per-rank metric]
+        # ---- the microbatch's one host read: its decision inputs, summed over ranks
         grads = grads_of(params)
         rank = int(args.process_index)
         loss_f = loss.detach().to(torch.float64)
-        vec = torch.zeros(3 + 2 * world, dtype=torch.float64, device=device)
+        items_f = torch.as_tensor(local_items, dtype=torch.float64, device=device)
+        vec = torch.zeros(7 + 2 * world, dtype=torch.float64, device=device)
         vec[0] = (~torch.isfinite(loss_f)).to(torch.float64)
         vec[1] = loss_f / loss_mult if sum_loss else loss_f / world
         vec[2] = total_norm(grads).to(device=device, dtype=torch.float64) ** 2 / world
+        vec[3] = items_f
+        vec[4] = torch.as_tensor(local_tokens, dtype=torch.float64, device=device)
+        vec[5] = local_samples
+        vec[6] = float(upcoming is not None)
         if tracker is not None:
             mb = tracker.pop()
-            vec[3 + rank] = mb / (loss_mult * max(local_items, 1.0)) if sum_loss else mb
+            vec[norms_at + rank] = mb / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else mb
         if needs_metrics:
-            vec[3 + world + rank] = loss_f / (loss_mult * max(local_items, 1.0)) if sum_loss else loss_f
+            vec[metrics_at + rank] = loss_f / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else loss_f
         vals = _all_reduce_sum(vec, trainer).tolist()
+        core.add_microbatch(items=vals[3], tokens=vals[4], samples=int(vals[5]))
+        run.microbatches_in_epoch += 1
+        has_next = vals[6]
+        last = has_next < world or run.budget_reached()
         nonfinite = vals[0] > 0 or not math.isfinite(vals[2])
         window_loss += vals[1]
         # .grad holds (loss_mult / world) * (sum over ranks of token-sum gradients): the mean is a rescale.
@@ -214,8 +221,8 @@ def run_gqc_epoch(
             mean_norm,
             position=max(run.position() - 1, 0.0),
             nonfinite=nonfinite,
-            microbatch_norms=vals[3 : 3 + world] if tracker is not None else (),
-            metrics=vals[3 + world :] if needs_metrics else (),
+            microbatch_norms=vals[norms_at:metrics_at] if tracker is not None else (),
+            metrics=vals[metrics_at:] if needs_metrics else (),
             force=last,
         )
         trainer.state.epoch = epoch + run.microbatches_in_epoch / steps_in_epoch

@@ -216,3 +216,28 @@ def test_sbc_gns_mht_run_in_trainer(tmp_path):
         assert sum(e["gqc/microbatches"] for e in logs) == 12
         if name == "sbc":
             assert [e["gqc/microbatches"] for e in logs] == [2] * 6
+
+
+def test_microbatch_counts_are_not_read_on_the_host_before_the_forward():
+    # Meta tensors cannot be read on the host; on a GPU such a read would stall the CPU before the forward.
+    from types import SimpleNamespace
+
+    from hf_gradext.gqc.loop import _counts
+
+    meta = torch.device("meta")
+    trainer = SimpleNamespace(_gqc_shifts_labels=True)
+    inputs = {
+        "input_ids": torch.zeros(3, 8, dtype=torch.long, device=meta),
+        "labels": torch.zeros(3, 8, dtype=torch.long, device=meta),
+        "attention_mask": torch.ones(3, 8, dtype=torch.long, device=meta),
+    }
+    items, tokens, samples = _counts(trainer, inputs)
+    assert items.device == meta and tokens.device == meta and samples == 3.0
+    # on real tensors: label tokens after the causal shift, input tokens from the mask
+    real = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "labels": torch.tensor([[1, 2, -100, 4], [1, -100, -100, -100]]),
+    }
+    real["attention_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    items, tokens, samples = _counts(trainer, real)
+    assert (float(items), float(tokens), samples) == (2.0, 6.0, 2.0)
