@@ -203,7 +203,7 @@ def run_gqc_epoch(
         vec[5] = local_samples
         vec[6] = float(upcoming is not None)
         if tracker is not None:
-            mb = tracker.pop()
+            mb = tracker.pop_tensor()
             vec[norms_at + rank] = mb / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else mb
         if needs_metrics:
             vec[metrics_at + rank] = loss_f / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else loss_f

@@ -43,7 +43,11 @@ class MicrobatchNormTracker:
 
     def pop(self) -> float:
         """Norm of the gradient seen since the last ``pop`` (0.0 if none); resets."""
-        value = 0.0 if self._sq is None else float(self._sq.sqrt())
+        return float(self.pop_tensor())
+
+    def pop_tensor(self) -> torch.Tensor | float:
+        """:meth:`pop` left on the device (no host read: the GQC loop sends it with its one reduction)."""
+        value = 0.0 if self._sq is None else self._sq.sqrt()
         self._sq = None
         return value
 
