@@ -49,9 +49,9 @@ run() {  # name, time limit (s), command...: one benchmark, its output appended 
 } 2>&1 | tee "$LOG"
 case "$PART" in
   engine)
-    run per_sample_grads 240 python3 $B/bench_per_sample_grads.py "${SMALL[@]}" "${REPS[@]}" --out "$DEST/bench_per_sample_grads$SUFFIX.csv"
-    run projection 150 python3 $B/bench_projection.py "${SMALL[@]}" "${ROUNDS[@]}" "${RANK[@]}" --out "$DEST/bench_projection$SUFFIX.csv"
-    run collection 150 python3 $B/bench_collection.py "${SMALL[@]}" "${COLL[@]}" --workdir /tmp/bench_collection --out "$DEST/bench_collection$SUFFIX.csv"
+    run per_sample_grads 230 python3 $B/bench_per_sample_grads.py "${SMALL[@]}" "${REPS[@]}" --out "$DEST/bench_per_sample_grads$SUFFIX.csv"
+    run projection 140 python3 $B/bench_projection.py "${SMALL[@]}" "${ROUNDS[@]}" "${RANK[@]}" --out "$DEST/bench_projection$SUFFIX.csv"
+    run collection 200 python3 $B/bench_collection.py "${SMALL[@]}" "${COLL[@]}" --workdir /tmp/bench_collection --out "$DEST/bench_collection$SUFFIX.csv"
     ;;
   train)
     run gpt2_patches 330 python3 $B/bench_gpt2_patches.py "${PATCH[@]}" "${PSTEPS[@]}" --out "$DEST/bench_gpt2_patches$SUFFIX.csv"
