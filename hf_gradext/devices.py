@@ -33,3 +33,35 @@ def check_device(value: str, flag: str = "--device", allow_auto: bool = False) -
             )
     elif device.type not in ("cpu", "meta") and not getattr(torch, device.type).is_available():
         raise UserFacingError(f"{flag}={value} is not available on this machine; pass {flag} cpu")
+
+
+class HostCopy:
+    """Device tensors on their way to host memory, readable once :meth:`wait` returns.
+
+    The copies go into pinned memory with ``non_blocking=True``, so starting them does not make the CPU
+    wait for the GPU; :meth:`wait` blocks only until the work queued before the copies is done. Code
+    that waits one step later (write batch ``k`` while batch ``k + 1`` runs) never stalls the GPU.
+    CPU tensors are plain copies and ``wait`` returns at once.
+    """
+
+    def __init__(self, *tensors: torch.Tensor | None) -> None:
+        self.tensors = tuple(_start_copy(t) if isinstance(t, torch.Tensor) else t for t in tensors)
+        self._ready = None
+        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def wait(self) -> tuple[torch.Tensor | None, ...]:
+        """The host tensors, after their copies have finished."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self.tensors
+
+
+def _start_copy(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_cuda:
+        return t.detach().to("cpu", copy=True)  # a snapshot, like the GPU path
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    return host

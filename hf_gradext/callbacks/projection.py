@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_gradext.devices import HostCopy
 from hf_gradext.grad.observer import TrainingCaptureObserver
 from hf_gradext.projection.io import (
     DTYPES,
@@ -45,24 +46,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _RowsInFlight:
-    """One microbatch's projected rows whose device-to-host copy may still be running."""
+    """One microbatch's projected rows (and example ids) on their way to the host."""
 
-    rows: torch.Tensor  # (B, D) host tensor (pinned when it came from a GPU)
-    ids: torch.Tensor | list | None
+    copy: HostCopy  # (rows (B, D), example ids or None)
+    ids: list | None  # ids that were not a tensor
     n: int
     position: int
     step: int
     epoch: float
-    ready: Any = None  # torch.cuda.Event recorded after the copies (None on CPU)
-
-
-def _copy_to_host(t: torch.Tensor) -> torch.Tensor:
-    """Start copying ``t`` to host memory without waiting for it (pinned memory makes it asynchronous)."""
-    if not t.is_cuda:
-        return t.detach().cpu()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t.detach(), non_blocking=True)
-    return host
 
 
 def projection_dir(args: Any) -> str:
@@ -118,17 +109,15 @@ class GradientProjectionCallback(TrainerCallback):
         n = rows.shape[0]
         ids = inputs.get("example_id")
         state = self.trainer.state
+        tensor_ids = ids if isinstance(ids, torch.Tensor) else None
         batch = _RowsInFlight(
-            rows=_copy_to_host(rows),
-            ids=_copy_to_host(ids) if isinstance(ids, torch.Tensor) else ids,
+            copy=HostCopy(rows, tensor_ids),
+            ids=None if tensor_ids is not None else ids,
             n=n,
             position=self.position,
             step=int(state.global_step) + 1,  # the optimizer step this gradient feeds into
             epoch=float(state.epoch or 0.0),
         )
-        if rows.is_cuda:
-            batch.ready = torch.cuda.Event()
-            batch.ready.record()
         # Write the previous microbatch's rows, not these: their copy finished long ago, so nothing here
         # waits for the GPU, and the CPU keeps queueing the next step ahead of it.
         previous, self._in_flight = self._in_flight, batch
@@ -139,9 +128,8 @@ class GradientProjectionCallback(TrainerCallback):
         self.seconds_in_collect += time.perf_counter() - start
 
     def _write(self, batch: _RowsInFlight) -> None:
-        if batch.ready is not None:
-            batch.ready.synchronize()
-        ids = batch.ids.tolist() if isinstance(batch.ids, torch.Tensor) else batch.ids
+        rows, tensor_ids = batch.copy.wait()
+        ids = tensor_ids.tolist() if tensor_ids is not None else batch.ids
         ids = list(ids) if ids is not None else [-1] * batch.n
         index = [
             {
@@ -153,7 +141,7 @@ class GradientProjectionCallback(TrainerCallback):
             }
             for i in range(batch.n)
         ]
-        self.writer.add(batch.rows, index)
+        self.writer.add(rows, index)
 
     def flush(self) -> None:
         """Hand the rows still in flight to the shard writer (buffered per ``--proj_save_interval``)."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hf_gradext.devices import check_device
+from hf_gradext.devices import HostCopy, check_device
 from hf_gradext.errors import UserFacingError
 from hf_gradext.projection.io import (
     DTYPES,
@@ -216,6 +216,30 @@ def _project_rows(
         dynamic_ncols=True,
     )
     tokens, loss_sum, batches, start = 0, 0.0, 0, time.perf_counter()
+    in_flight: tuple[HostCopy, Any, int] | None = None  # the previous batch, its rows still copying
+
+    def finish(copy: HostCopy, chunk: Any, batch_number: int) -> None:
+        # Batch k is written while batch k + 1 runs: its copy is long done, so this does not stall.
+        nonlocal loss_sum
+        rows, loss = copy.wait()
+        batch_loss = float(loss)
+        loss_sum += batch_loss
+        index = [
+            {
+                "example_id": int(e),
+                "rank": rank,
+                "step": batch_number,
+                "batch_loss": batch_loss,
+                "snippet": _snippet(tokenizer, ids, rargs.snippet_chars),
+            }
+            for e, ids in zip(chunk["example_id"], chunk["input_ids"])
+        ]
+        writer.add(rows, index)
+        bar.update(len(index))
+        bar.set_postfix(
+            loss=f"{batch_loss:.3f}", tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}"
+        )
+
     try:
         for first in range(0, len(positions), rargs.batch_size):
             chunk = data[positions[first : first + rargs.batch_size]]
@@ -224,30 +248,19 @@ def _project_rows(
                 for k in ("input_ids", "attention_mask", "labels")
                 if k in chunk
             }
-            rows = projector.project(batch)  # (b, D)
-            n_tok = (
-                int(batch["attention_mask"].sum())
-                if "attention_mask" in batch
-                else batch["input_ids"].numel()
-            )
-            tokens, loss_sum, batches = tokens + n_tok, loss_sum + projector.last_loss, batches + 1
-            index = [
-                {
-                    "example_id": int(e),
-                    "rank": rank,
-                    "step": batches - 1,
-                    "batch_loss": projector.last_loss,
-                    "snippet": _snippet(tokenizer, ids, rargs.snippet_chars),
-                }
-                for e, ids in zip(chunk["example_id"], chunk["input_ids"])
-            ]
-            writer.add(rows, index)
-            elapsed = time.perf_counter() - start
-            bar.update(len(index))
-            bar.set_postfix(loss=f"{projector.last_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-            if kill_after and batches >= kill_after:
-                writer.writer.flush()  # what a real kill may or may not have had time to finish
-                os._exit(137)
+            rows = projector.project(batch)  # (b, D), queued on the device
+            # Token count from the host copy of the data: reading the device tensor would wait for it.
+            mask = chunk.get("attention_mask")
+            tokens += sum(map(sum, mask)) if mask is not None else sum(map(len, chunk["input_ids"]))
+            batches += 1
+            if in_flight is not None:
+                finish(*in_flight)
+                if kill_after and batches - 1 >= kill_after:  # test hook: die after N written batches
+                    writer.writer.flush()  # what a real kill may or may not have had time to finish
+                    os._exit(137)
+            in_flight = (HostCopy(rows, projector.last_loss_tensor), chunk, batches - 1)
+        if in_flight is not None:
+            finish(*in_flight)
     finally:
         bar.close()
     writer.close()

@@ -125,6 +125,7 @@ class KroneckerProjector:
         ] = {}
         self._partial: dict[str, torch.Tensor] = {}
         self._engine: CaptureEngine | None = None
+        self.last_loss_tensor: torch.Tensor | None = None  # loss of the last project() batch, on its device
 
     # ------------------------------------------------------------------ layout
     def _build_blocks(self) -> list[LayerBlock]:
@@ -299,6 +300,11 @@ class KroneckerProjector:
         prev = self._partial.get(block.name)
         self._partial[block.name] = part if prev is None else prev + part
 
+    @property
+    def last_loss(self) -> float:
+        """Mean token loss of the batch :meth:`project` saw last (reading it waits for the GPU)."""
+        return float("nan") if self.last_loss_tensor is None else float(self.last_loss_tensor)
+
     def reset(self) -> None:
         """Forget partial blocks (start of a new batch)."""
         self._partial = {}
@@ -335,7 +341,7 @@ class KroneckerProjector:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 loss = causal_lm_loss(self.model(**inputs).logits, batch["labels"])
                 loss.backward()
-            self.last_loss = float(loss.detach())
+            self.last_loss_tensor = loss.detach()  # read lazily: no GPU wait here
             rows = self.collect()
         finally:
             self.model.train(was_training)
