@@ -1,4 +1,5 @@
-"""Checking a ``--device`` flag before any work: the device must exist on this machine."""
+"""Devices: checking a ``--device`` flag before any work, and moving results to the host without
+making the CPU wait for the GPU."""
 
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ class HostCopy:
     def __init__(self, *tensors: torch.Tensor | None) -> None:
         self.tensors = tuple(_start_copy(t) if isinstance(t, torch.Tensor) else t for t in tensors)
         self._ready = None
-        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        cuda = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda]
+        if cuda:
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(cuda[0].device))  # the stream the copies went on
 
     def wait(self) -> tuple[torch.Tensor | None, ...]:
         """The host tensors, after their copies have finished."""
