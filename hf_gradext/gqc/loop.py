@@ -193,15 +193,17 @@ def run_gqc_epoch(
         grads = grads_of(params)
         rank = int(args.process_index)
         loss_f = loss.detach().to(torch.float64)
-        items_f = torch.as_tensor(local_items, dtype=torch.float64, device=device)
+        # Item assignment takes device tensors and Python numbers alike without a host round trip
+        # (building a CUDA tensor from a Python number would copy from pageable memory: a stream sync).
         vec = torch.zeros(7 + 2 * world, dtype=torch.float64, device=device)
         vec[0] = (~torch.isfinite(loss_f)).to(torch.float64)
         vec[1] = loss_f / loss_mult if sum_loss else loss_f / world
         vec[2] = total_norm(grads).to(device=device, dtype=torch.float64) ** 2 / world
-        vec[3] = items_f
-        vec[4] = torch.as_tensor(local_tokens, dtype=torch.float64, device=device)
+        vec[3] = local_items
+        vec[4] = local_tokens
         vec[5] = local_samples
         vec[6] = float(upcoming is not None)
+        items_f = vec[3].clone()  # this rank's label tokens, before the reduction sums the ranks
         if tracker is not None:
             mb = tracker.pop_tensor()
             vec[norms_at + rank] = mb / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else mb

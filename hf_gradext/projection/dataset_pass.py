@@ -244,7 +244,7 @@ def _project_rows(
         for first in range(0, len(positions), rargs.batch_size):
             chunk = data[positions[first : first + rargs.batch_size]]
             batch = {
-                k: torch.as_tensor(chunk[k]).to(device)
+                k: _to_device(chunk[k], device)
                 for k in ("input_ids", "attention_mask", "labels")
                 if k in chunk
             }
@@ -275,6 +275,15 @@ def _project_rows(
         "mean_batch_loss": loss_sum / max(batches, 1),
         "rows_written": writer.rows_written,
     }
+
+
+def _to_device(values: Any, device: torch.device) -> torch.Tensor:
+    """A batch column on ``device``; to a GPU through pinned memory, so the copy does not wait for the GPU
+    (a plain ``.to(cuda)`` from pageable memory synchronizes the stream)."""
+    tensor = torch.as_tensor(values)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _snippet(tokenizer: Any, ids: list[int], chars: int) -> str:
