@@ -8,7 +8,7 @@
 
 Either way ``save_pretrained`` + (``import hf_gradext``) + ``from_pretrained`` rebuilds the same
 architecture (see :mod:`hf_gradext.patches.gpt2_config`). The mask cache changes no output and is
-process-wide (:mod:`hf_gradext.patches.mask_cache`).
+switched on per model (:mod:`hf_gradext.patches.mask_cache`).
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def apply_gradext_to_gpt2(
     """Apply the GPT-2 patches to the classes (``model=None``) or to an existing ``model``.
 
     Args:
-        causal_mask_cache: route mask creation through the cache (outputs unchanged); ``False``
-            restores transformers' own mask creation. Process-wide in both forms.
+        causal_mask_cache: route mask creation through the cache (outputs unchanged). With ``model``
+            only that model's configs record the choice (``gradext_causal_mask_cache``; other models in
+            the process keep transformers' mask creation); with ``model=None`` it is the default for
+            models whose config states no choice, and ``False`` restores transformers' own function.
         rms_norm: replace every ``nn.LayerNorm`` (``ln_1``, ``ln_2``, ``ln_f``) by
             :class:`~hf_gradext.patches.rms_norm.GradExtRMSNorm`; an existing model keeps its gammas
             as RMSNorm scales and loses the LayerNorm biases.
@@ -77,12 +79,13 @@ def apply_gradext_to_gpt2(
     """
     _check_hidden_size(swiglu, swiglu_hidden_size)
     gpt2_config.install_construction_hooks()
-    if causal_mask_cache:
-        mask_cache.install_mask_cache()
-    else:
-        mask_cache.uninstall_mask_cache()
 
     if model is None:
+        # Class level: models built from now on whose config states no choice follow this one.
+        if causal_mask_cache:
+            mask_cache.install_mask_cache()
+        else:
+            mask_cache.uninstall_mask_cache()
         gpt2_config.set_class_defaults(rms_norm, swiglu, swiglu_hidden_size)
         return None
 
@@ -93,6 +96,8 @@ def apply_gradext_to_gpt2(
             f"apply_gradext_to_gpt2 got a model of type {model_type!r}; pass a GPT-2 model "
             "or use hf_gradext.patches.apply_gradext(model, ...) to dispatch by config.model_type"
         )
+    # Instance level: only this model's configs record the choice; other models are untouched.
+    mask_cache.enable_for_model(model, causal_mask_cache)
     new: list[str] = []
     dropped: list[str] = []
     for gpt2 in _gpt2_models(model):

@@ -94,6 +94,9 @@ def install_construction_hooks() -> None:
     """Idempotent; a no-op for configs that ask for no patch."""
     if _originals:
         return
+    from hf_gradext.integrations.gpt2 import check_construction_touchpoints
+
+    check_construction_touchpoints()
     # Look up through the MRO: post_init is PreTrainedModel's, _init_weights GPT2PreTrainedModel's.
     _originals["post_init"] = GPT2PreTrainedModel.post_init
     _originals["_init_weights"] = GPT2PreTrainedModel._init_weights

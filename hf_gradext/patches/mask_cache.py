@@ -29,12 +29,12 @@ device, attention implementation); :func:`clear_mask_cache` empties it.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import masking_utils
 from transformers.models.gpt2 import modeling_gpt2
 
 MAX_ENTRIES = 32
@@ -43,6 +43,10 @@ _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _stats = {"hits": 0, "misses": 0, "fallbacks": 0}
 # name -> the transformers object we replaced, present only while installed
 _originals: dict[str, Any] = {}
+# The class-level choice (apply_gradext_to_gpt2(model=None, causal_mask_cache=True)).
+_class_default = {"on": False}
+MASK_CACHE_KEY = "gradext_causal_mask_cache"
+CACHE_NAMES = ("past_key_values", "cache")
 
 
 def clear_mask_cache() -> None:
@@ -99,46 +103,69 @@ def _causal_float(seq_len: int, dtype: torch.dtype, device: torch.device) -> tor
     return _cached(("causal_float", seq_len, dtype, device), build)
 
 
-def cached_create_causal_mask(
-    config: Any,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    past_key_values: Any,
-    position_ids: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
+def wants_mask_cache(config: Any) -> bool:
+    """Whether the model owning ``config`` asked for the cache.
+
+    ``config.gradext_causal_mask_cache`` (set by ``apply_gradext_to_gpt2(model=...)``) decides; a config
+    without the key follows the class-level default (``apply_gradext_to_gpt2(model=None)`` /
+    :func:`install_mask_cache`). Models that did not ask get transformers' mask creation untouched.
+    """
+    flag = getattr(config, MASK_CACHE_KEY, None)
+    return bool(_class_default["on"] if flag is None else flag)
+
+
+def cached_create_causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """Drop-in for ``transformers.masking_utils.create_causal_mask`` as GPT-2 calls it.
 
-    Returns exactly what transformers would return (same values, same shape up to broadcasting
-    views), with fewer host-device syncs and no per-call mask construction where it can; see the
-    module docstring for the cases.
+    Takes the arguments under transformers' own names (the KV cache is ``past_key_values`` on 5.23 and
+    ``cache`` on 5.24: bound to the real signature, never assumed). Returns exactly what transformers
+    would return (same values, same shape up to broadcasting views), with fewer host-device syncs and
+    no per-call mask construction where it can; see the module docstring for the cases.
     """
+    original = _originals["create_causal_mask"]
+    call_args, call_kwargs = args, kwargs
+
+    def fallback() -> torch.Tensor | None:
+        _stats["fallbacks"] += 1
+        return original(*call_args, **call_kwargs)
+
+    try:
+        bound = _original_signature().bind(*args, **kwargs)
+    except TypeError:  # e.g. a deprecated argument name: transformers' own handling applies
+        return fallback()
+    bound.apply_defaults()
+    arguments = bound.arguments
+    config = arguments["config"]
+    if not wants_mask_cache(config):
+        return original(*args, **kwargs)
+    inputs_embeds = arguments["inputs_embeds"]
+    attention_mask = arguments["attention_mask"]
+    position_ids = arguments.get("position_ids")
+    has_cache = any(arguments.get(name) is not None for name in CACHE_NAMES)
+    options = dict(arguments.get("kwargs", {}))  # the **kwargs part, then named options
+    for name in ("or_mask_function", "and_mask_function", "allow_is_causal_skip", "block_sequence_ids"):
+        if name in arguments:
+            options[name] = arguments[name]
     impl = getattr(config, "_attn_implementation", None)
     custom = any(
-        kwargs.get(k) is not None for k in ("or_mask_function", "and_mask_function", "block_sequence_ids")
+        options.get(k) is not None for k in ("or_mask_function", "and_mask_function", "block_sequence_ids")
     )
     if (
         impl not in ("eager", "sdpa")
-        or past_key_values is not None
+        or has_cache
         or custom
         or not getattr(config, "is_causal", True)
         or torch.compiler.is_compiling()
     ):
-        _stats["fallbacks"] += 1
-        return masking_utils.create_causal_mask(
-            config, inputs_embeds, attention_mask, past_key_values, position_ids, **kwargs
-        )
+        return fallback()
     batch, seq_len = inputs_embeds.shape[:2]
     dtype, device = inputs_embeds.dtype, inputs_embeds.device
-    allow_skip = kwargs.get("allow_is_causal_skip", True)
+    allow_skip = options.get("allow_is_causal_skip", True)
 
     if attention_mask is None:
         # Only the default positions prove "no packed sequences" without reading values.
         if position_ids is None or position_ids is not _cache.get(("positions", seq_len, device)):
-            _stats["fallbacks"] += 1
-            return masking_utils.create_causal_mask(
-                config, inputs_embeds, attention_mask, past_key_values, position_ids, **kwargs
-            )
+            return fallback()
         if impl == "sdpa":
             if allow_skip:
                 return None  # sdpa runs with is_causal=True, as transformers decides here
@@ -147,10 +174,7 @@ def cached_create_causal_mask(
 
     if attention_mask.ndim != 2 or attention_mask.shape[-1] != seq_len:
         # 4D (prepared) masks and prefix-style masks longer than the input: transformers' rules.
-        _stats["fallbacks"] += 1
-        return masking_utils.create_causal_mask(
-            config, inputs_embeds, attention_mask, past_key_values, position_ids, **kwargs
-        )
+        return fallback()
     keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
     if impl == "sdpa":
         # The one sync transformers also pays: with no padding sdpa can take its is_causal path.
@@ -165,12 +189,14 @@ def _forward_with_default_positions(forward: Callable[..., Any]) -> Callable[...
 
     @functools.wraps(forward)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # GPT2Model.forward(input_ids, past_key_values, attention_mask, token_type_ids, position_ids, ...):
-        # only touch calls that leave position_ids and the KV cache unset.
+        # GPT2Model.forward(input_ids, past_key_values | cache, attention_mask, ...): only touch calls
+        # that pass nothing but input_ids positionally and leave position_ids and the KV cache unset
+        # (under either name: a decode step must keep transformers' past-length offset).
         if (
-            len(args) <= 1
+            wants_mask_cache(self.config)
+            and len(args) <= 1
             and kwargs.get("position_ids") is None
-            and kwargs.get("past_key_values") is None
+            and all(kwargs.get(name) is None for name in CACHE_NAMES)
             and not torch.compiler.is_compiling()
         ):
             input_ids = args[0] if args else kwargs.get("input_ids")
@@ -184,8 +210,22 @@ def _forward_with_default_positions(forward: Callable[..., Any]) -> Callable[...
     return wrapped
 
 
-def install_mask_cache() -> None:
-    """Route GPT-2's mask creation through the cache (process-wide, idempotent)."""
+def _original_signature() -> inspect.Signature:
+    sig = _originals.get("signature")
+    if sig is None:
+        sig = _originals["signature"] = inspect.signature(_originals["create_causal_mask"])
+    return sig
+
+
+def install_hook() -> None:
+    """Put the cache in GPT-2's mask path; inert for every model that did not ask (idempotent).
+
+    Raises:
+        IntegrationError: transformers' mask creation / GPT-2 forward are not what the cache assumes.
+    """
+    from hf_gradext.integrations.gpt2 import check_mask_cache_touchpoints
+
+    check_mask_cache_touchpoints()
     if _originals:
         return
     _originals["create_causal_mask"] = modeling_gpt2.create_causal_mask
@@ -194,12 +234,30 @@ def install_mask_cache() -> None:
     modeling_gpt2.GPT2Model.forward = _forward_with_default_positions(modeling_gpt2.GPT2Model.forward)
 
 
+def install_mask_cache() -> None:
+    """Class level: GPT-2 models whose config does not state a choice use the cache (idempotent)."""
+    install_hook()
+    _class_default["on"] = True
+
+
+def enable_for_model(model: Any, on: bool = True) -> None:
+    """Instance level: record the choice in the config of every ``GPT2Model`` config of ``model``."""
+    if on:
+        install_hook()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "model_type", None) == "gpt2":
+            setattr(config, MASK_CACHE_KEY, bool(on))
+
+
 def uninstall_mask_cache() -> None:
     """Restore transformers' own mask creation and drop the cache (idempotent)."""
+    _class_default["on"] = False
     if not _originals:
         return
     modeling_gpt2.create_causal_mask = _originals.pop("create_causal_mask")
     modeling_gpt2.GPT2Model.forward = _originals.pop("forward")
+    _originals.clear()
     clear_mask_cache()
 
 
