@@ -11,6 +11,11 @@ It owns four things and nothing else:
 * bookkeeping batch columns (``example_id``): kept in the batch for the microbatch observers when a
   per-sample consumer is on, and stripped before every model forward (training, evaluation,
   prediction), since the model must never see them.
+
+The private Trainer internals this needs (``_signature_columns``, the GQC hooks) go through
+:mod:`hf_gradext.integrations.trainer`; with ``--gqc`` on, construction checks that transformers still
+calls every overridden hook (and refuses DeepSpeed / FSDP), and every training microbatch checks that it
+runs inside the GQC loop.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from transformers import Trainer
+
+from hf_gradext.integrations import trainer as trainer_internals
 
 # "module:function" factories; each takes the trainer and returns a TrainerCallback or None.
 # Kept as strings so a feature module is imported only when the trainer is built.
@@ -54,6 +61,11 @@ class GradExtTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self._gqc_on:
+            from hf_gradext.gqc.run import check_supported
+
+            check_supported(self)  # backend + the overridden hooks, before any training work
+        self._gqc_run = None
         self._microbatch_observers: list[MicrobatchObserver] = []
         self._strip_keys = self._bookkeeping_keys_to_strip()
         for spec in CALLBACK_FACTORIES:
@@ -74,14 +86,15 @@ class GradExtTrainer(Trainer):
 
     def _bookkeeping_keys_to_strip(self) -> tuple[str, ...]:
         """``BOOKKEEPING_COLUMNS`` the model's forward does not take (computed before any column is added)."""
-        self._set_signature_columns_if_needed()
-        return tuple(k for k in BOOKKEEPING_COLUMNS if k not in self._signature_columns)
+        columns = trainer_internals.signature_columns(self)
+        return tuple(k for k in BOOKKEEPING_COLUMNS if k not in columns)
 
     def _keep_bookkeeping_columns(self) -> None:
         """Let ``example_id`` through ``remove_unused_columns`` so the microbatch observers see it."""
+        columns = trainer_internals.signature_columns(self)  # HF's live list: appending keeps the column
         for key in self._strip_keys:
-            if key not in self._signature_columns:
-                self._signature_columns.append(key)
+            if key not in columns:
+                columns.append(key)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` without the bookkeeping columns (the same dict when it has none)."""
@@ -107,6 +120,7 @@ class GradExtTrainer(Trainer):
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        self._gqc_run = None  # built anew by this call's set_initial_training_values (the loop checks it)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(
@@ -115,6 +129,10 @@ class GradExtTrainer(Trainer):
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
+        if self._gqc_on:
+            from hf_gradext.gqc.loop import check_in_gqc_loop
+
+            check_in_gqc_loop(self)  # before the backward: a bypassed GQC loop must not train at all
         # Observers see the full batch (example ids included); the model sees model inputs only.
         for observer in self._microbatch_observers:
             observer.before_microbatch(self, inputs, num_items_in_batch)
@@ -163,7 +181,7 @@ class GradExtTrainer(Trainer):
         return out
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        run = getattr(self, "_gqc_run", None)
+        run = self._gqc_run
         if self._gqc_on and run is not None:
             num_training_steps = run.horizon  # LR horizon in microbatches of data, not optimizer steps
         return super().create_scheduler(num_training_steps, optimizer)

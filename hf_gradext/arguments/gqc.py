@@ -11,12 +11,35 @@ What each controller reads from ``--gqc_threshold_start/_end`` (the scheduled va
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from hf_gradext.errors import UserFacingError
 
 GQC_CONTROLLERS = ("none", "gnts", "sbc", "gns", "mht")
 GQC_SCHEDULES = ("constant", "cosine", "linear", "polynomial")
+
+# HF LR schedulers stepped with an eval metric by HF's evaluation (not once per optimizer step). They
+# work with --gqc unchanged: the GQC loop reaches HF's evaluation, which steps them as HF's loop would.
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+_USE_DDP = (
+    "use DDP instead (accelerate launch with a multi_gpu config: recipes/accelerate/multi_gpu_bf16.yaml, "
+    "or recipes/accelerate/cpu_ddp.yaml on the CPU)"
+)
+DEEPSPEED_REFUSAL = (
+    "--gqc {gqc} does not support DeepSpeed: DeepSpeed's engine steps the optimizer inside every backward "
+    "(its accumulation boundary, 1 under --gqc), so the controller could not decide when to step; " + _USE_DDP
+)
+FSDP_REFUSAL = (
+    "--gqc {gqc} does not support FSDP: the GQC loop's gradient norm, mean rescale and non-finite checks "
+    "are not verified on FSDP's sharded DTensor gradients; " + _USE_DDP
+)
+
+
+def _env_flag(name: str) -> bool:
+    """An ``accelerate launch`` switch (``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -164,3 +187,10 @@ class GQCArguments:
                 f"--fp16 is not supported with --gqc {self.gqc} (loss scaling would distort the tested "
                 "gradient norm); use --bf16 or fp32"
             )
+        # Backends the GQC loop cannot drive, refused before any model or data is loaded: the flags and
+        # the launcher's environment (accelerate launch exports these switches). GradExtTrainer checks
+        # the accelerator it builds as well (hf_gradext.gqc.run.check_supported).
+        if getattr(self, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise UserFacingError(DEEPSPEED_REFUSAL.format(gqc=self.gqc))
+        if getattr(self, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
+            raise UserFacingError(FSDP_REFUSAL.format(gqc=self.gqc))

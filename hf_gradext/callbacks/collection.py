@@ -143,7 +143,9 @@ class PerSampleGradientCallback(TrainerCallback):
             return
         n = self._take(inputs)
         if n > 0:
-            batch = trainer._prepare_inputs(inputs)
+            from hf_gradext.integrations.trainer import prepare_inputs
+
+            batch = prepare_inputs(trainer, inputs)
             engine = None if self.use_loop else self.engine
             self._guard(run_separate, trainer.model, batch, n, self.consumer, engine, self._ids(inputs, n))
         self._microbatch += 1

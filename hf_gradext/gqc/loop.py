@@ -14,7 +14,15 @@ Changed, per microbatch:
   numbers, hence take the same decision; another, before the forward, makes all ranks stop together
   when one runs out of data;
 * clipping applies once to the final mean gradient; a non-finite gradient or loss drops the window;
-* the LR scheduler is advanced to the data position (microbatches consumed), not once per step.
+* the LR scheduler is advanced to the data position (microbatches consumed), not once per step;
+  metric-driven schedulers (``reduce_lr_on_plateau``, ``greedy``) are stepped by HF's evaluation with
+  the eval metric, exactly as in HF's own loop (this loop reaches it through ``_maybe_log_save_evaluate``).
+
+Every private Trainer / accelerate internal goes through :mod:`hf_gradext.integrations` (checked once).
+Because the loop is reached only through overridden private hooks, it also verifies at run time that
+transformers really called them: the run's sizes and data position must come from this run's
+``set_initial_training_values`` / ``_init_training_state`` overrides, and ``GradExtTrainer.training_step``
+refuses a ``--gqc`` microbatch that runs outside this loop (:func:`check_in_gqc_loop`).
 """
 
 from __future__ import annotations
@@ -24,8 +32,16 @@ from typing import Any
 
 import torch
 
+from hf_gradext.errors import UserFacingError
 from hf_gradext.gqc.norms import MicrobatchNormTracker, grads_of, scale_, total_norm
-from hf_gradext.gqc.run import GQCRun
+from hf_gradext.gqc.run import GQCRun, require_run
+from hf_gradext.integrations import accelerate as accelerate_internals
+from hf_gradext.integrations import loss as loss_integration
+from hf_gradext.integrations import trainer as trainer_internals
+from hf_gradext.integrations.guard import drift_error
+
+# Set on the trainer while run_gqc_epoch runs; GradExtTrainer.training_step checks it.
+IN_LOOP_ATTR = "_gqc_in_loop"
 
 
 def _world(trainer) -> int:
@@ -60,36 +76,70 @@ def _counts(trainer, inputs: dict[str, Any]) -> tuple[torch.Tensor | float, torc
 def _shifts_labels(trainer) -> bool:
     """Whether the loss predicts ``labels[..., 1:]`` (causal LM), so position 0 is not an item.
 
-    HF's ``_loss_shifts_labels`` reads ``model.loss_type``, which is None for e.g. GPT-2 although its
-    ``loss_function`` falls back to ``ForCausalLMLoss``; ask the loss function itself as well.
+    The package's one answer (:func:`hf_gradext.integrations.loss.shifts_labels`), cached per trainer.
     """
     cached = getattr(trainer, "_gqc_shifts_labels", None)
     if cached is None:
-        from transformers.loss.loss_utils import ForCausalLMLoss
-        from transformers.modeling_utils import unwrap_model
-
-        model = unwrap_model(trainer.model)
-        model = getattr(model, "get_base_model", lambda: model)()  # peft
-        is_causal = getattr(model, "loss_function", None) is ForCausalLMLoss
-        enc_dec = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-        cached = bool(getattr(trainer, "_loss_shifts_labels", False) or (is_causal and not enc_dec))
-        trainer._gqc_shifts_labels = cached
+        cached = trainer._gqc_shifts_labels = loss_integration.shifts_labels(trainer.model)
     return cached
 
 
 def _loss_is_sum(trainer) -> bool:
     """True when HF forwards ``num_items_in_batch`` into the loss (then 1 gives a token-sum loss)."""
-    return bool(trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None)
+    return trainer_internals.model_accepts_loss_kwargs(trainer) or trainer.compute_loss_func is not None
+
+
+def is_metric_scheduler(sched: Any) -> bool:
+    """ReduceLROnPlateau / transformers' GreedyLR: stepped with an eval metric, by HF's evaluation."""
+    from transformers.optimization import GreedyLR
+
+    return isinstance(sched, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))
 
 
 def _advance_lr(trainer, position: float) -> None:
     """Step the LR scheduler until its counter reaches the data position (in microbatches)."""
     sched = trainer.lr_scheduler
-    if sched is None or isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    if sched is None or is_metric_scheduler(sched):
         return
+    if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+        raise UserFacingError(
+            f"--gqc advances the LR scheduler to the data position through its last_epoch counter; "
+            f"{type(sched).__name__} is no torch LRScheduler: pass one (or a metric-driven scheduler)"
+        )
     target = int(position)
-    while getattr(sched, "last_epoch", target) < target:
+    while sched.last_epoch < target:
         sched.step()
+
+
+def check_in_gqc_loop(trainer) -> None:
+    """Raise unless the GQC loop is running: called by every ``--gqc`` training microbatch.
+
+    transformers reaches the GQC loop only by calling the overridden ``Trainer._run_epoch``; if it
+    stopped doing so, HF's own loop would train at accumulation 1 while GQC keys still got logged.
+    The static check at construction (:func:`hf_gradext.integrations.trainer.check_trainer_hooks`)
+    reads HF's code; this one observes the run itself, before the first backward.
+    """
+    if not getattr(trainer, IN_LOOP_ATTR, False):
+        raise drift_error(
+            "Trainer._run_epoch",
+            "transformers",
+            "a --gqc training step ran outside the GQC loop (GQC loop was not called: transformers' "
+            "training loop no longer goes through GradExtTrainer._run_epoch, so GQC would silently train "
+            "at a fixed accumulation of 1)",
+        )
+
+
+def _verified_run(trainer) -> GQCRun:
+    """This ``train()`` call's GQCRun, checking that transformers called the sizing / restore hooks."""
+    run = require_run(trainer)
+    if not run.position_restored:
+        raise drift_error(
+            "Trainer._init_training_state",
+            "transformers",
+            "the GQC epoch loop started without its data position (transformers did not call "
+            "GradExtTrainer._init_training_state)",
+        )
+    return run
 
 
 def run_gqc_epoch(
@@ -107,10 +157,42 @@ def run_gqc_epoch(
     steps_trained_in_current_epoch,
 ) -> None:
     """One pass over ``train_dataloader`` with GQC windows (signature of HF's ``_run_epoch``)."""
-    from accelerate.data_loader import skip_first_batches
+    run = _verified_run(trainer)
+    setattr(trainer, IN_LOOP_ATTR, True)
+    try:
+        _run_epoch(
+            trainer,
+            run,
+            model,
+            epoch,
+            train_dataloader,
+            steps_in_epoch,
+            trial,
+            ignore_keys_for_eval,
+            start_time,
+            resume_from_checkpoint,
+            epochs_trained,
+            steps_trained_in_current_epoch,
+        )
+    finally:
+        setattr(trainer, IN_LOOP_ATTR, False)
 
+
+def _run_epoch(
+    trainer,
+    run: GQCRun,
+    model,
+    epoch,
+    train_dataloader,
+    steps_in_epoch,
+    trial,
+    ignore_keys_for_eval,
+    start_time,
+    resume_from_checkpoint,
+    epochs_trained,
+    steps_trained_in_current_epoch,
+) -> None:
     args = trainer.args
-    run: GQCRun = trainer._gqc_run
     core = run.core
     if run.budget_reached():  # resumed exactly at the end of the data budget
         trainer.control.should_training_stop = True
@@ -123,11 +205,13 @@ def run_gqc_epoch(
     run.epoch, run.microbatches_in_epoch = epoch, 0
     if epoch == epochs_trained and resume_from_checkpoint is not None:
         if steps_trained_in_current_epoch > 0 and not args.ignore_data_skip:
-            train_dataloader = skip_first_batches(train_dataloader, steps_trained_in_current_epoch)
+            train_dataloader = accelerate_internals.skip_first_batches(
+                train_dataloader, steps_trained_in_current_epoch
+            )
             run.microbatches_in_epoch = steps_trained_in_current_epoch
             rng_to_sync = True
         elif steps_trained_in_current_epoch == 0:
-            trainer._load_rng_state(resume_from_checkpoint)
+            trainer_internals.load_rng_state(trainer, resume_from_checkpoint)
     if hasattr(train_dataloader, "set_epoch"):
         train_dataloader.set_epoch(epoch)
     inner = getattr(getattr(train_dataloader, "batch_sampler", None), "batch_sampler", None)
@@ -140,22 +224,15 @@ def run_gqc_epoch(
 
     def log_save_evaluate(grad_norm: float | None, learning_rate: float | None) -> None:
         # HF's log/save/evaluate hook, run after each optimizer step and once at the end of the epoch.
-        trainer._maybe_log_save_evaluate(
-            trainer._tr_loss,
-            grad_norm,
-            model,
-            trial,
-            epoch,
-            ignore_keys_for_eval,
-            start_time,
-            learning_rate=learning_rate,
+        trainer_internals.maybe_log_save_evaluate(
+            trainer, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate
         )
 
     sum_loss = _loss_is_sum(trainer)
     # HF multiplies the loss by the process count when averaging tokens across devices.
     loss_mult = float(world) if (sum_loss and args.average_tokens_across_devices) else 1.0
     one = torch.ones((), device=device) if sum_loss else None
-    trainer.current_gradient_accumulation_steps = 1
+    trainer_internals.set_current_accumulation_steps(trainer, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     tracker = getattr(trainer, "_gqc_tracker", None)
     if core.controller.needs_microbatch_norms and tracker is None:
@@ -167,7 +244,7 @@ def run_gqc_epoch(
     window_loss = torch.zeros((), device=device, dtype=torch.float64)
     current = fetch()
     if rng_to_sync:
-        trainer._load_rng_state(resume_from_checkpoint)
+        trainer_internals.load_rng_state(trainer, resume_from_checkpoint)
     # Whether every rank has a first microbatch; later ones are agreed in each post-backward reduction.
     has_next = float(current is not None)
     if world > 1:
@@ -183,11 +260,11 @@ def run_gqc_epoch(
         if core.window_k == 0:
             trainer.control = trainer.callback_handler.on_step_begin(args, trainer.state, trainer.control)
 
-        trainer.accelerator.gradient_state._set_sync_gradients(True)
+        accelerate_internals.set_sync_gradients(trainer.accelerator, True)
         local_items, local_tokens, local_samples = _counts(trainer, current)
         loss = trainer.training_step(model, current, one)  # token sum (x loss_mult) or microbatch mean
         trainer.current_flos += float(trainer.floating_point_ops(current))
-        trainer._track_num_input_tokens(current)
+        trainer_internals.track_num_input_tokens(trainer, current)
 
         # ---- the microbatch's one host read: its decision inputs, summed over ranks
         grads = grads_of(params)
@@ -232,7 +309,9 @@ def run_gqc_epoch(
         if decision.step:
             scale_(grads, factor)
             clipped = (
-                trainer._clip_grad_norm(model) if args.max_grad_norm and args.max_grad_norm > 0 else None
+                trainer_internals.clip_grad_norm(trainer, model)
+                if args.max_grad_norm and args.max_grad_norm > 0
+                else None
             )
             grad_norm = float(clipped) if clipped is not None else mean_norm
             trainer.control = trainer.callback_handler.on_pre_optimizer_step(
@@ -240,11 +319,11 @@ def run_gqc_epoch(
             )
             trainer.optimizer.step()
             trainer.control = trainer.callback_handler.on_optimizer_step(args, trainer.state, trainer.control)
-            learning_rate = trainer._get_learning_rate()
+            learning_rate = trainer_internals.get_learning_rate(trainer)
             _advance_lr(trainer, run.position())
             model.zero_grad()
             denom = decision.items if sum_loss else decision.k
-            trainer._tr_loss += (window_loss / max(denom, 1.0)).to(trainer._tr_loss.dtype)
+            trainer_internals.accumulate_train_loss(trainer, window_loss / max(denom, 1.0))
             window_loss.zero_()
             trainer.state.global_step += 1
             run.pending.append(

@@ -40,6 +40,9 @@ class GQCRun:
     epoch: int = 0
     microbatches_in_epoch: int = 0
     pending: list[dict[str, float]] = field(default_factory=list)  # per-step records not yet logged
+    # Set by restore_position (GradExtTrainer._init_training_state); the epoch loop refuses to run without
+    # it: it proves transformers called the override that sets the run's data position.
+    position_restored: bool = False
 
     def position(self) -> float:
         """Data consumed, in microbatches (token progress mapped onto the same axis)."""
@@ -152,10 +155,29 @@ def initial_training_values(trainer, args, dataloader) -> tuple[int, int, int, i
     )
 
 
+def require_run(trainer) -> GQCRun:
+    """This ``train()`` call's GQCRun; a drift error when transformers skipped the sizing override.
+
+    ``GradExtTrainer.train`` clears the run and only ``set_initial_training_values`` builds it, so a
+    missing run means transformers no longer calls that hook (the run would otherwise use HF's sizes).
+    """
+    run: GQCRun | None = trainer._gqc_run
+    if run is None:
+        from hf_gradext.integrations.guard import drift_error
+
+        raise drift_error(
+            "Trainer.set_initial_training_values",
+            "transformers",
+            "the GQC run has no sizes (transformers did not call GradExtTrainer.set_initial_training_values)",
+        )
+    return run
+
+
 def restore_position(trainer, resume_from_checkpoint: str | None) -> tuple[int, int]:
     """Load ``gqc_state.json`` (when resuming) and return ``(epochs_trained, microbatches_in_epoch)``."""
-    run: GQCRun = trainer._gqc_run
+    run = require_run(trainer)
     if resume_from_checkpoint is None:
+        run.position_restored = True
         return 0, 0
     path = os.path.join(resume_from_checkpoint, GQC_STATE_NAME)
     if not os.path.isfile(path):
@@ -165,6 +187,7 @@ def restore_position(trainer, resume_from_checkpoint: str | None) -> tuple[int, 
         )
     with open(path) as fh:
         run.load_state_dict(json.load(fh))
+    run.position_restored = True
     return run.epoch, run.microbatches_in_epoch
 
 
@@ -179,9 +202,9 @@ def save_state(trainer, trial) -> None:
         return
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    out_dir = os.path.join(
-        trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
-    )
+    from hf_gradext.integrations.trainer import output_dir
+
+    out_dir = os.path.join(output_dir(trainer, trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".{GQC_STATE_NAME}.tmp")
     with open(tmp, "w") as fh:
@@ -198,3 +221,25 @@ def decorate_logs(trainer, logs: dict[str, float]) -> None:
         logs.update(run.summary())
     elif "loss" in logs and not any(k.startswith("eval_") for k in logs):
         logs.update(run.drain_step_logs())
+
+
+def check_supported(trainer) -> None:
+    """Refuse at trainer construction what the GQC loop cannot run correctly (one-line errors).
+
+    Parse time (:meth:`hf_gradext.arguments.gqc.GQCArguments._validate_gqc`) already refuses what the
+    flags and the launcher's environment show; the accelerator built by the Trainer is the final word
+    (e.g. a programmatic ``Accelerator`` / plugin, or a launcher config the flags did not show). Also
+    checks, before any training work, the transformers hooks the GQC mode overrides.
+    """
+    from accelerate.utils import DistributedType
+
+    from hf_gradext.arguments.gqc import DEEPSPEED_REFUSAL, FSDP_REFUSAL, METRIC_SCHEDULERS
+    from hf_gradext.integrations.trainer import check_trainer_hooks
+
+    args = trainer.args
+    kind = trainer.accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise UserFacingError(DEEPSPEED_REFUSAL.format(gqc=args.gqc))
+    if kind == DistributedType.FSDP:
+        raise UserFacingError(FSDP_REFUSAL.format(gqc=args.gqc))
+    check_trainer_hooks(metric_scheduler=args.lr_scheduler_type in METRIC_SCHEDULERS)

@@ -12,18 +12,20 @@ magnitude vector) are not hookable modules: selection reports them as unsupporte
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
-_ADAPTER = re.compile(r"(^|\.)lora_[AB](\.|$)")
+from hf_gradext.integrations import peft as peft_integration
 
 
 def is_lora_adapter(name: str, module: nn.Module) -> bool:
-    """True for a peft ``lora_A.<adapter>`` / ``lora_B.<adapter>`` linear (by module name)."""
-    return isinstance(module, nn.Linear) and _ADAPTER.search(name) is not None
+    """True for a peft ``lora_A.<adapter>`` / ``lora_B.<adapter>`` linear (by module name).
+
+    The naming is peft's; :mod:`hf_gradext.integrations.peft` owns it and checks it against peft's own
+    list of adapter module names, so a rename in peft stops the run instead of selecting nothing.
+    """
+    return peft_integration.is_lora_adapter(name, module)
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    """True for a ``peft.PeftModel`` (checked by class hierarchy name, without importing peft)."""
-    return any(c.__name__ == "PeftModel" for c in type(model).__mro__)
+    """True for a ``peft.PeftModel``."""
+    return peft_integration.is_peft_model(model)

@@ -30,25 +30,13 @@ def valid_token_counts(labels: Tensor, shift: bool = True, ignore_index: int = I
 def shifts_labels(model: nn.Module) -> bool:
     r"""Whether the model's built-in loss is HF's causal-LM loss (logit ``t`` predicts ``labels[t + 1]``).
 
-    Mirrors ``PreTrainedModel.loss_function``: an unknown/missing ``loss_type`` (GPT-2's is ``None``)
-    falls back to ``ForCausalLMLoss``. Plain ``nn.Module``\ s (no ``loss_type``) do not shift.
+    The one answer of the package (:func:`hf_gradext.integrations.loss.shifts_labels`, shared with the
+    GQC loop): an unknown/missing ``loss_type`` (GPT-2's is ``None``) still means ``ForCausalLMLoss``;
+    plain ``nn.Module``\ s have no built-in loss and do not shift.
     """
-    from hf_gradext.grad.selection import unwrap_model
+    from hf_gradext.integrations.loss import shifts_labels as model_shifts_labels
 
-    m = unwrap_model(model)
-    if hasattr(m, "get_base_model"):  # peft
-        m = m.get_base_model()
-    config = getattr(m, "config", None)
-    if config is None or not hasattr(m, "loss_type"):
-        return False
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    fn = getattr(m, "_loss_function", None) or LOSS_MAPPING.get(m.loss_type, ForCausalLMLoss)
-    return fn is ForCausalLMLoss
+    return model_shifts_labels(model)
 
 
 @dataclass

@@ -402,12 +402,15 @@ def resolve_proj_layers(args: Any, model: nn.Module) -> str:
     """``--proj_layers``; its default (``mlp,attn``) means the LoRA layers when the model is a peft model.
 
     Under peft only the adapters train, and LoRA usually targets a subset of the blocks (GPT-2: ``c_attn``),
-    so the dense default would select layers without trainable weights.
+    so the dense default would select layers without trainable weights. "peft model" means: carries peft
+    LoRA layers (a ``PeftModel`` or adapters added to a transformers model), see
+    :func:`hf_gradext.integrations.peft.has_lora_layers`.
     """
     from hf_gradext.arguments.projection import ProjectionArguments
+    from hf_gradext.integrations.peft import has_lora_layers
 
     default = ProjectionArguments.__dataclass_fields__["proj_layers"].default
-    if args.proj_layers == default and hasattr(model, "peft_config"):
+    if args.proj_layers == default and has_lora_layers(model):
         return "lora"
     return args.proj_layers
 

@@ -63,3 +63,28 @@ def test_cli_flags_parse(tmp_path):
         ]
     )
     assert a.gqc == "gnts" and a.gqc_schedule == "cosine" and a.gqc_threshold_end == 0.3
+
+
+@pytest.mark.parametrize(
+    "kw, env, words",
+    [
+        ({"deepspeed": {"train_batch_size": "auto"}}, {}, r"does not support DeepSpeed: .*use DDP"),
+        ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, r"does not support DeepSpeed"),
+        ({"fsdp": True}, {}, r"does not support FSDP: .*sharded DTensor gradients; use DDP .*cpu_ddp\.yaml"),
+        ({}, {"ACCELERATE_USE_FSDP": "true"}, r"does not support FSDP"),
+    ],
+)
+def test_deepspeed_and_fsdp_refused_at_parse_time(tmp_path, monkeypatch, kw, env, words):
+    # Before HF's own __post_init__ (which would set up the DeepSpeed / FSDP plugin) and any model load.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserFacingError, match=words) as info:
+        _args(tmp_path, gqc="gnts", **kw)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", "greedy"])
+def test_metric_driven_schedulers_are_accepted(tmp_path, scheduler):
+    # They work with GQC (stepped by HF's evaluation): see test_guards.py for the LR they produce.
+    a = _args(tmp_path, gqc="gnts", lr_scheduler_type=scheduler, eval_strategy="steps", eval_steps=1)
+    assert a.lr_scheduler_type == scheduler
