@@ -48,7 +48,9 @@ def hf_trainer_loss_scale(
         # does not shift for GPT-2 in transformers 5.23; we take num_items_in_batch as given).
         counts = valid_token_counts(inputs["labels"], shift=shifts_labels(trainer.model))
 
-    accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+    from hf_gradext.integrations.trainer import model_accepts_loss_kwargs
+
+    accepts = model_accepts_loss_kwargs(trainer)  # checked: a drift raises instead of guessing
     # ``mult`` may stay a device scalar: reading it (or the counts) on the host would sync the GPU.
     mult: float | torch.Tensor
     if accepts and num_items_in_batch is not None:
