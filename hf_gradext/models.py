@@ -9,26 +9,13 @@ adapters that wrap it).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from hf_gradext.arguments.model import BUILTIN_GPT2_SIZES, hub_kwargs
 from hf_gradext.errors import UserFacingError
+from hf_gradext.hub import load_pretrained
 
 logger = logging.getLogger(__name__)
-
-
-def _not_found(flag: str, name: str, what: str, exc: BaseException) -> UserFacingError:
-    if os.path.isdir(name):
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return UserFacingError(
-            f"{flag} {name!r}: could not load the {what} from this directory ({first}); "
-            f"point it at a directory written by save_pretrained"
-        )
-    return UserFacingError(
-        f"{flag} {name!r}: {what} not found locally and could not be fetched from the Hub (offline?); "
-        f"pass a local directory saved with save_pretrained, or download it first"
-    )
 
 
 def build_config(args: Any, tokenizer: Any = None) -> Any:
@@ -54,13 +41,9 @@ def build_config(args: Any, tokenizer: Any = None) -> Any:
         config = GPT2Config(**BUILTIN_GPT2_SIZES[name], **special)
     else:
         source, flag = (name, "--config_name") if name else (args.model_name_or_path, "--model_name_or_path")
-        try:
-            config = AutoConfig.from_pretrained(
-                source,
-                **hub_kwargs(args),
-            )
-        except (OSError, ValueError) as exc:
-            raise _not_found(flag, source, "config", exc) from exc
+        config = load_pretrained(
+            AutoConfig.from_pretrained, source, flag=flag, what="config", **hub_kwargs(args)
+        )
     overrides = getattr(args, "config_overrides", None)
     if overrides:
         try:
@@ -109,7 +92,8 @@ def load_model(args: Any, tokenizer: Any, config: Any | None = None) -> Any:
     """Load or build the causal LM, resize embeddings, apply patches, wrap with LoRA (``--use_peft``).
 
     Raises:
-        UserFacingError: the model is neither a local directory nor fetchable from the Hub.
+        UserFacingError: the model is neither a local directory nor fetchable from the Hub nor cached
+            (see :mod:`hf_gradext.hub`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -121,15 +105,15 @@ def load_model(args: Any, tokenizer: Any, config: Any | None = None) -> Any:
         kwargs: dict[str, Any] = {}
         if getattr(args, "model_dtype", None) is not None:
             kwargs["dtype"] = _dtype(args.model_dtype)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name,
-                config=config,
-                **hub_kwargs(args),
-                **kwargs,
-            )
-        except (OSError, ValueError) as exc:
-            raise _not_found("--model_name_or_path", name, "model", exc) from exc
+        model = load_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            name,
+            flag="--model_name_or_path",
+            what="model",
+            config=config,
+            **hub_kwargs(args),
+            **kwargs,
+        )
     else:
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=getattr(args, "trust_remote_code", False)

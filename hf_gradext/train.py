@@ -57,8 +57,14 @@ def _check_output_dir(output_dir: str) -> None:
 
 def _setup_logging(args: Any) -> None:
     import datasets
+    import huggingface_hub
     import transformers
 
+    # datasets and huggingface_hub give their root logger its own stderr handler AND let records
+    # propagate: with the root handler below every warning (each Hub retry) printed twice. Keep their
+    # handler, stop the propagation (as transformers does by default, except when CI=1 is set).
+    for library in (datasets, huggingface_hub, transformers):
+        library.utils.logging.disable_propagation()
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -100,6 +106,7 @@ def run(args: Any) -> dict[str, float]:
     from transformers import EarlyStoppingCallback, default_data_collator, set_seed
 
     from hf_gradext.data import build_datasets, load_tokenizer
+    from hf_gradext.hub import check_sources
     from hf_gradext.metrics import (
         build_compute_metrics,
         load_metric,
@@ -112,6 +119,7 @@ def run(args: Any) -> dict[str, float]:
     _check_output_dir(args.output_dir)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     _setup_logging(args)
+    check_sources(args)  # missing local folders, a Hub dataset with the Hub unreachable: before any loading
     set_seed(args.seed)
 
     # Rank 0 builds caches (tokenizer, datasets, metric module) first; the others then read them.

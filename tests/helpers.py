@@ -202,3 +202,65 @@ def accelerate_launch(
 def logged_losses(log_history: list[dict[str, Any]]) -> list[float]:
     """The training losses of a ``trainer_state.json`` log history, in order."""
     return [float(e["loss"]) for e in log_history if "loss" in e]
+
+
+# Environment variables that put huggingface_hub / transformers / datasets offline (conftest sets them).
+OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+class UnreachablePort:
+    """A 127.0.0.1 port held bound: refusing connections (default) or accepting and never answering.
+
+    Deterministic stand-ins for an unreachable Hub (``HF_ENDPOINT=unreachable.url``): a bound socket that
+    does not listen refuses every connection (no other process can take the port meanwhile); with
+    ``silent=True`` it listens, so connections succeed, but no byte is ever sent back (a hung proxy).
+    Use as a context manager; ``url`` is ``http://127.0.0.1:PORT``.
+    """
+
+    def __init__(self, silent: bool = False):
+        self.silent = silent
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        if silent:
+            self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __enter__(self) -> UnreachablePort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def hub_env(endpoint: str | None = None, offline: bool = False, **extra: str) -> dict[str, str]:
+    """``os.environ`` with the offline switches removed (or ``HF_HUB_OFFLINE=1``), for a subprocess.
+
+    Args:
+        endpoint: ``HF_ENDPOINT`` (e.g. an :class:`UnreachablePort` url); None leaves it as it is.
+        offline: set ``HF_HUB_OFFLINE=1`` instead of removing it.
+        extra: more variables (``HF_HOME=...`` for an empty or prepared cache).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV_VARS}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    if endpoint is not None:
+        env["HF_ENDPOINT"] = endpoint
+    env.update(extra)
+    return env
+
+
+def write_hub_cache(cache_dir: str | os.PathLike, repo_id: str, source_dir: str | os.PathLike) -> Path:
+    """Copy a ``save_pretrained`` directory into a Hub cache as if ``repo_id`` had been downloaded.
+
+    The layout huggingface_hub reads: ``models--ORG--NAME/snapshots/COMMIT/<files>`` and
+    ``refs/main`` holding COMMIT. Returns the snapshot directory.
+    """
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(source_dir, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

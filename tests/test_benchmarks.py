@@ -82,7 +82,14 @@ def test_benchmark_script_runs_and_writes_its_csv(script, tmp_path):
 def test_gpu_run_script_plumbing_in_toy_mode(tmp_path):
     """``gpu_run.sh`` (what a session with a lent GPU runs): parts, output names, the log of exit codes."""
     script = BENCH_DIR / "gpu_run.sh"
-    env = {**os.environ, "TOY": "1", "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    # PYTHON: this interpreter, so the script needs no python3 with torch on PATH (an unactivated venv).
+    env = {
+        **os.environ,
+        "TOY": "1",
+        "OUT": str(tmp_path),
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHON": sys.executable,
+    }
     bad = subprocess.run(
         ["bash", str(script), "nonsense"], env=env, capture_output=True, text=True, timeout=120
     )
@@ -96,3 +103,17 @@ def test_gpu_run_script_plumbing_in_toy_mode(tmp_path):
     assert (tmp_path / "gqc_quality_toy.csv").stat().st_size > 0 and (
         tmp_path / "gqc_quality_toy.png"
     ).exists()
+
+
+def test_shell_scripts_take_the_interpreter_from_python_env():
+    """No bare ``python``/``python3`` in the device scripts: ``$PYTHON`` (default python3) everywhere."""
+    for name in ("gpu_run.sh", "gpu_wheels.sh"):
+        code = [
+            line for line in (BENCH_DIR / name).read_text().splitlines() if not line.lstrip().startswith("#")
+        ]
+        bare = [
+            line
+            for line in code
+            if "python" in line.replace("${PYTHON:-python3}", "").replace("--python-version", "")
+        ]
+        assert not bare, (name, bare)

@@ -121,3 +121,40 @@ def test_lora_trains_only_adapters():
     assert any("c_attn" in n for n in trainable)  # peft's GPT-2 default target
     with pytest.raises(UserFacingError, match="--lora_target_modules"):
         wrap_lora(lora_ns(lora_target_modules=["no_such_module"]), make_tiny_gpt2())
+
+
+def test_missing_local_folder_is_not_a_hub_failure(tmp_path, tiny_tokenizer):
+    for name in ("./nonexistent", str(tmp_path / "nope")):
+        with pytest.raises(UserFacingError) as info:
+            load_model(ns(model_name_or_path=name, config_name=None, model_dtype=None), tiny_tokenizer)
+        msg = str(info.value)
+        assert msg.startswith(f"--model_name_or_path {name!r}: no such local directory"), msg
+        assert "unreachable" not in msg and "cache" not in msg
+    with pytest.raises(UserFacingError, match="^--config_name '/tmp/no/such/cfg': no such local directory"):
+        build_config(ns(config_name="/tmp/no/such/cfg"))
+
+
+def test_offline_uncached_hub_id_says_it_is_not_in_the_cache(tmp_path, tiny_tokenizer):
+    # The suite runs with HF_HUB_OFFLINE=1 (conftest): nothing is probed, the cache is all there is.
+    args = ns(model_name_or_path="some-org/uncached", config_name=None, cache_dir=str(tmp_path))
+    with pytest.raises(UserFacingError) as info:
+        build_config(args, tiny_tokenizer)
+    msg = str(info.value)
+    assert "\n" not in msg and "--model_name_or_path 'some-org/uncached'" in msg
+    assert f"not in the local cache ({tmp_path})" in msg and "HF_HUB_OFFLINE=1" in msg
+    assert "local directory" in msg
+
+
+def test_cached_hub_id_loads_offline(tmp_path, saved_model_dir, tiny_tokenizer):
+    from hf_gradext.data import load_tokenizer
+    from tests.helpers import write_hub_cache
+
+    write_hub_cache(tmp_path, "some-org/cached-tiny", saved_model_dir)
+    args = ns(
+        model_name_or_path="some-org/cached-tiny", config_name=None, model_dtype=None, cache_dir=str(tmp_path)
+    )
+    tokenizer = load_tokenizer(args)
+    config = build_config(args, tokenizer)
+    assert config.n_positions == 128 and tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+    model = load_model(args, tokenizer, config)
+    assert model.num_parameters() > 0

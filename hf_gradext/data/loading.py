@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from hf_gradext.errors import UserFacingError
+from hf_gradext.hub import check_dataset_source, dataset_error
 
 # File extension -> `datasets` builder name.
 FILE_BUILDERS = {"txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv"}
@@ -62,23 +63,16 @@ def _load_hub(args: Any, pct: int) -> dict[str, Any]:
     from datasets import load_dataset
 
     name, config = args.dataset_name, getattr(args, "dataset_config_name", None)
+    check_dataset_source(name)  # a missing local folder, or the Hub unreachable: fail before retrying
     try:
         ds = load_dataset(name, config, cache_dir=getattr(args, "cache_dir", None))
     except Exception as exc:  # datasets raises many unrelated types (ConnectionError, FileNotFoundError, ...)
-        raise UserFacingError(_dataset_message(name, exc)) from exc
+        raise dataset_error(name, exc) from exc
     if "train" not in ds:
         raise UserFacingError(
             f"--dataset_name {name!r} has no 'train' split (splits: {', '.join(ds)}); pick a dataset/config with one"
         )
     return _split(ds["train"], pct, ds.get("validation"))
-
-
-def _dataset_message(name: str, exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return (
-        f"--dataset_name {name!r} could not be loaded ({type(exc).__name__}: {first}); check the name and "
-        f"--dataset_config_name, or pass local files with --train_file/--validation_file"
-    )
 
 
 def _load_files(args: Any, pct: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from hf_gradext.arguments.model import hub_kwargs
 from hf_gradext.data.corpus import embedded_corpus_hash, embedded_documents
 from hf_gradext.errors import UserFacingError
+from hf_gradext.hub import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def load_tokenizer(args: Any):
 
     A tokenizer without a pad token gets its eos token as pad (GPT-2 has none), so padded batches work.
     Raises:
-        UserFacingError: the named tokenizer is neither a local directory nor fetchable from the Hub.
+        UserFacingError: the named tokenizer is neither a local directory nor fetchable from the Hub nor
+            cached (see :mod:`hf_gradext.hub`).
     """
     from transformers import AutoTokenizer
 
@@ -121,24 +123,9 @@ def load_tokenizer(args: Any):
             )
         return build_embedded_tokenizer(getattr(args, "tokenizer_vocab_size", DEFAULT_VOCAB_SIZE))
     flag = "--tokenizer_name" if getattr(args, "tokenizer_name", None) else "--model_name_or_path"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name,
-            **hub_kwargs(args),
-        )
-    except (OSError, ValueError) as exc:
-        raise UserFacingError(_not_found_message(flag, name, "tokenizer", exc)) from exc
+    tokenizer = load_pretrained(
+        AutoTokenizer.from_pretrained, name, flag=flag, what="tokenizer", **hub_kwargs(args)
+    )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _not_found_message(flag: str, name: str, what: str, exc: BaseException) -> str:
-    """One line: which id failed, why (first line of the HF error), and the fix."""
-    if os.path.isdir(name):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"{flag} {name!r}: could not load the {what} from this directory ({first}); save it there with save_pretrained"
-    return (
-        f"{flag} {name!r}: {what} not found locally and could not be fetched from the Hub (offline?); "
-        f"pass a local directory saved with save_pretrained, or download it first"
-    )

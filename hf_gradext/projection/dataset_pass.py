@@ -100,8 +100,10 @@ def load_model_for_pass(margs: Any, rargs: Any, block_size: int | None) -> tuple
     from transformers import set_seed
 
     from hf_gradext.data import load_tokenizer
+    from hf_gradext.hub import check_sources
     from hf_gradext.models import build_config, load_model, resolve_block_size
 
+    check_sources(margs)  # a missing folder or an unreachable Hub dataset fails before the model loads
     tokenizer = load_tokenizer(margs)
     config = build_config(margs, tokenizer)
     margs.block_size = resolve_block_size(margs, tokenizer, config) if block_size is None else block_size

@@ -8,8 +8,11 @@
 # one log per part with the environment) go to $OUT, which the device tool brings back, else
 # ./gpu_results. Commit the CSVs with their device/versions/date columns.
 # TOY=1 runs the same parts on the CPU at toy sizes: a check of this script, not a measurement.
+# PYTHON=/path/to/python picks the interpreter (default: python3 on PATH), e.g. a virtualenv's when
+# it is not activated (the tests pass their own).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+PY="${PYTHON:-python3}"
 PART="${1:?usage: gpu_run.sh engine|train|quality}"
 case "$PART" in engine|train|quality) ;; *) echo "unknown part $PART: engine, train or quality" >&2; exit 2 ;; esac
 DEST="${OUT:-$PWD/gpu_results}"
@@ -17,7 +20,7 @@ mkdir -p "$DEST"
 LOG="$DEST/$PART.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${TOY:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then  # TOY runs use this machine's packages
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
@@ -45,19 +48,19 @@ run() {  # name, time limit (s), command...: one benchmark, its output appended 
 {
   echo "part $PART, $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-  python3 -c "import sys, torch, transformers, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+  "$PY" -c "import sys, torch, transformers, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 } 2>&1 | tee "$LOG"
 case "$PART" in
   engine)
-    run per_sample_grads 230 python3 $B/bench_per_sample_grads.py "${SMALL[@]}" "${REPS[@]}" --out "$DEST/bench_per_sample_grads$SUFFIX.csv"
-    run projection 140 python3 $B/bench_projection.py "${SMALL[@]}" "${ROUNDS[@]}" "${RANK[@]}" --out "$DEST/bench_projection$SUFFIX.csv"
-    run collection 200 python3 $B/bench_collection.py "${SMALL[@]}" "${COLL[@]}" --workdir /tmp/bench_collection --out "$DEST/bench_collection$SUFFIX.csv"
+    run per_sample_grads 230 "$PY" $B/bench_per_sample_grads.py "${SMALL[@]}" "${REPS[@]}" --out "$DEST/bench_per_sample_grads$SUFFIX.csv"
+    run projection 140 "$PY" $B/bench_projection.py "${SMALL[@]}" "${ROUNDS[@]}" "${RANK[@]}" --out "$DEST/bench_projection$SUFFIX.csv"
+    run collection 200 "$PY" $B/bench_collection.py "${SMALL[@]}" "${COLL[@]}" --workdir /tmp/bench_collection --out "$DEST/bench_collection$SUFFIX.csv"
     ;;
   train)
-    run gpt2_patches 330 python3 $B/bench_gpt2_patches.py "${PATCH[@]}" "${PSTEPS[@]}" --out "$DEST/bench_gpt2_patches$SUFFIX.csv"
-    run gqc_overhead 240 env "${GQC_ENV[@]}" python3 $B/bench_gqc_overhead.py --out "$DEST/bench_gqc_overhead$SUFFIX.csv"
+    run gpt2_patches 330 "$PY" $B/bench_gpt2_patches.py "${PATCH[@]}" "${PSTEPS[@]}" --out "$DEST/bench_gpt2_patches$SUFFIX.csv"
+    run gqc_overhead 240 env "${GQC_ENV[@]}" "$PY" $B/bench_gqc_overhead.py --out "$DEST/bench_gqc_overhead$SUFFIX.csv"
     ;;
   quality)
-    run gqc_quality 560 env "${Q_ENV[@]}" QUALITY_OUT="$DEST/gqc_quality$SUFFIX" python3 $B/gqc_quality.py
+    run gqc_quality 560 env "${Q_ENV[@]}" QUALITY_OUT="$DEST/gqc_quality$SUFFIX" "$PY" $B/gqc_quality.py
     ;;
 esac

@@ -78,3 +78,17 @@ def test_build_datasets_embedded(tiny_tokenizer):
 def test_default_block_size(tiny_tokenizer):
     assert default_block_size(tiny_tokenizer) == 1024
     assert default_block_size(tiny_tokenizer, max_positions=256) == 256
+
+
+def test_missing_local_dataset_folder_is_not_a_hub_failure(tmp_path):
+    with pytest.raises(UserFacingError) as info:
+        load_raw_datasets(ns(dataset_name=str(tmp_path / "gone")))
+    assert "no such local directory" in str(info.value) and "Hub (" not in str(info.value)
+
+
+def test_offline_uncached_hub_dataset_says_it_is_not_in_the_cache(tmp_path):
+    # The suite runs with HF_HUB_OFFLINE=1 (conftest).
+    with pytest.raises(UserFacingError) as info:
+        load_raw_datasets(ns(dataset_name="no-such-org/no-such-dataset", cache_dir=str(tmp_path)))
+    msg = str(info.value)
+    assert "\n" not in msg and "not in the local datasets cache" in msg and "HF_HUB_OFFLINE=1" in msg
