@@ -22,7 +22,6 @@ from tests.helpers import (
     REPO_ROOT,
     UnreachablePort,
     hub_env,
-    make_tiny_gpt2,
     write_hub_cache,
 )
 
@@ -250,20 +249,10 @@ def test_cli_fails_fast_in_few_lines_with_the_way_out(cli_runs, case):
 
 
 @pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory, tiny_tokenizer):
-    """An HF_HOME whose Hub cache holds 'some-org/cached-tiny' (a tiny GPT-2 and the embedded tokenizer)."""
+def hub_cache(tmp_path_factory, saved_model_dir):
+    """An HF_HOME whose Hub cache holds 'some-org/cached-tiny' (the suite's saved tiny GPT-2 + tokenizer)."""
     home = tmp_path_factory.mktemp("hf_home")
-    src = home / "src"
-    model = make_tiny_gpt2(
-        vocab_size=len(tiny_tokenizer),
-        n_positions=128,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        bos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    model.save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
-    write_hub_cache(home / "hub", "some-org/cached-tiny", src)
+    write_hub_cache(home / "hub", "some-org/cached-tiny", saved_model_dir)
     return home
 
 

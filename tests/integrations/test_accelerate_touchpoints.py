@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -11,15 +12,9 @@ from accelerate.state import GradientState
 
 from hf_gradext.integrations import accelerate as ai
 from hf_gradext.integrations import guard
+from tests.integrations.drift import assert_drift
 
 VERSION = guard.installed_version("accelerate")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_checks():
-    guard.reset_checks()
-    yield
-    guard.reset_checks()
 
 
 @pytest.fixture
@@ -31,14 +26,7 @@ def accelerator():
     acc.gradient_state.sync_gradients = True  # the shared state as HF leaves it (setter may be patched)
 
 
-def _assert_drift(call, touchpoint: str, *fragments: str) -> None:
-    with pytest.raises(guard.IntegrationError) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith(f"{touchpoint}: "), message
-    assert f"accelerate {VERSION}" in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
+_assert_drift = functools.partial(assert_drift, "accelerate")
 
 
 def test_every_check_passes_on_the_installed_accelerate():

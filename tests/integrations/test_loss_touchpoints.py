@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -11,25 +13,12 @@ from transformers.loss import loss_utils
 from hf_gradext.integrations import guard
 from hf_gradext.integrations import loss as li
 from tests.helpers import make_tiny_gpt2
+from tests.integrations.drift import assert_drift
 
 VERSION = guard.installed_version("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_checks():
-    guard.reset_checks()
-    yield
-    guard.reset_checks()
-
-
-def _assert_drift(call, touchpoint: str, *fragments: str) -> None:
-    with pytest.raises(guard.IntegrationError) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith(f"{touchpoint}: "), message
-    assert f"transformers {VERSION}" in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
+_assert_drift = functools.partial(assert_drift, "transformers")
 
 
 def _tiny_t5():

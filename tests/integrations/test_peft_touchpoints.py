@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from torch import nn
 
 from hf_gradext.integrations import guard
 from hf_gradext.integrations import peft as pi
 from tests.helpers import make_tiny_gpt2
+from tests.integrations.drift import assert_drift
 
 peft = pytest.importorskip("peft")
 VERSION = guard.installed_version("peft")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_checks():
-    guard.reset_checks()
-    yield
-    guard.reset_checks()
 
 
 def _lora_model():
@@ -26,14 +22,7 @@ def _lora_model():
     )
 
 
-def _assert_drift(call, touchpoint: str, *fragments: str) -> None:
-    with pytest.raises(guard.IntegrationError) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith(f"{touchpoint}: "), message
-    assert f"peft {VERSION}" in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
+_assert_drift = functools.partial(assert_drift, "peft")
 
 
 def test_every_check_passes_on_the_installed_peft():

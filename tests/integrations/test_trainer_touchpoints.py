@@ -8,6 +8,7 @@ transformers version. On the real installed release every check passes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import textwrap
 from types import SimpleNamespace
@@ -18,26 +19,12 @@ from transformers import Trainer
 
 from hf_gradext.integrations import guard
 from hf_gradext.integrations import trainer as ti
+from tests.integrations.drift import assert_drift
 
 VERSION = guard.installed_version("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_checks():
-    guard.reset_checks()
-    yield
-    guard.reset_checks()
-
-
-def _assert_drift(call, touchpoint: str, *fragments: str) -> str:
-    with pytest.raises(guard.IntegrationError) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith(f"{touchpoint}: "), message
-    assert f"transformers {VERSION}" in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
+_assert_drift = functools.partial(assert_drift, "transformers")
 
 
 def _with_params(*names: str, optional: tuple[str, ...] = ()):
