@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from hf_gradext.errors import UserFacingError
-from hf_gradext.grad.factors import Contribution
+from hf_gradext.grad.factors import Contribution, as_token_ids, as_tokens
 from hf_gradext.grad.fallback import FALLBACK_SPEC, check_fallback_ok
 from hf_gradext.grad.loss_scaling import LossScale, resolve_scale
 from hf_gradext.grad.registry import LayerSpec, lookup
@@ -222,10 +222,10 @@ class CaptureEngine:
         family = self.specs[name].family
         g = grad.detach()
         if family in ("linear", "embedding"):
-            # Flatten every non-batch, non-feature dim into one token axis: (B, T, d).
-            batch = g.shape[0]
-            g = g.reshape(batch, -1, g.shape[-1])
-            a = a.reshape(batch, -1) if family == "embedding" else a.reshape(batch, -1, a.shape[-1])
+            # Flatten every non-batch, non-feature dim into one token axis: (B, T, d), sizes explicit so
+            # an empty batch (B = 0) reshapes too.
+            g = as_tokens(g)  # (B, T, d_out)
+            a = as_token_ids(a) if family == "embedding" else as_tokens(a)  # (B, T) | (B, T, d_in)
         if self._scale is not None:
             seq = g.shape[1] if g.dim() >= 3 else 1
             scale = self._scale.row_scale(g.shape[0], seq, g.device, g.dtype)  # (B, T|1, 1)

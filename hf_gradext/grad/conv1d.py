@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from hf_gradext.grad.factors import Contribution, Outer
+from hf_gradext.grad.factors import Contribution, Outer, as_tokens
 from hf_gradext.grad.registry import Trainable, register_layer_math, requires_grad
 
 
@@ -19,10 +19,11 @@ def conv1d_math(
 
     Args:
         module: the layer; ``module.weight`` is ``[d_in, d_out]``.
-        a: ``(B, T, d_in)`` layer input.
-        g: ``(B, T, d_out)`` gradient w.r.t. the layer output.
+        a: ``(B, ..., d_in)`` layer input (any number of token dims, flattened to ``(B, T, d_in)``).
+        g: ``(B, ..., d_out)`` gradient w.r.t. the layer output.
         trainable: which parameters to report (see :mod:`hf_gradext.grad.registry`).
     """
+    a, g = as_tokens(a), as_tokens(g)  # (B, T, d_in), (B, T, d_out); a (B, d) input is T = 1
     out: dict[str, Contribution] = {}
     if trainable(module.weight):
         out["weight"] = Outer(u=a, v=g, m=a.shape[-1])  # [in, out] = sum_t a (x) g

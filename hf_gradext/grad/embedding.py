@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from hf_gradext.errors import UserFacingError
-from hf_gradext.grad.factors import Contribution, Outer
+from hf_gradext.grad.factors import Contribution, Outer, as_token_ids, as_tokens
 from hf_gradext.grad.registry import Trainable, register_layer_math, requires_grad
 
 
@@ -18,7 +18,14 @@ from hf_gradext.grad.registry import Trainable, register_layer_math, requires_gr
 def embedding_math(
     module: nn.Module, a: Tensor, g: Tensor, trainable: Trainable = requires_grad
 ) -> dict[str, Contribution]:
-    """Per-sample contribution of an ``nn.Embedding`` weight ``[V, d]`` (index factor, sparse)."""
+    """Per-sample contribution of an ``nn.Embedding`` weight ``[V, d]`` (index factor, sparse).
+
+    Args:
+        module: the table.
+        a: ``(B, ...)`` looked-up ids (flattened to ``(B, T)``; ``(B,)`` ids are ``T = 1``).
+        g: ``(B, ..., d)`` gradient w.r.t. the looked-up rows.
+        trainable: which parameters to report (see :mod:`hf_gradext.grad.registry`).
+    """
     if not trainable(module.weight):
         return {}
     if getattr(module, "scale_grad_by_freq", False):
@@ -26,7 +33,9 @@ def embedding_math(
             "per-sample gradients: nn.Embedding(scale_grad_by_freq=True) scales by batch-level counts, "
             "so per-sample gradients are not defined; exclude this layer from --per-sample-layers"
         )
+    a, g = as_token_ids(a), as_tokens(g)  # (B, T), (B, T, d)
     padding_idx = getattr(module, "padding_idx", None)
     if padding_idx is not None:
-        g = g * (a != padding_idx).unsqueeze(-1).to(g.dtype)  # torch gives the padding row no grad
+        # torch gives the padding row no gradient, even where padding_idx is also a real token id.
+        g = g * (a != padding_idx).unsqueeze(-1).to(g.dtype)  # (B, T, d)
     return {"weight": Outer(u=a, v=g, m=module.weight.shape[0])}

@@ -9,19 +9,82 @@ Every layer's math turns a captured ``(a, g)`` pair into, per parameter, either
 
 A parameter used by several modules (GPT-2's tied ``wte`` / ``lm_head``) gets a list of contributions;
 its gradient is their sum, its squared norm the sum of all pairwise inner products. Inner products of
-two ``Outer`` terms never need the gradient itself (the "ghost" identity)::
+two ``Outer`` weight terms need not build the gradient (the "ghost" identity)::
 
     <sum_t u_t v_t^T, sum_s u'_s v'_s^T> = sum_{t,s} (u_t . u'_s) (v_t . v'_s)
+
+Biases (``v is None``) never take the ghost path: ``sum_t u_t`` costs ``B T m``, the ``T x S`` Gram of the
+ghost ``B T S m``, and the sum is as exact as anything computed from ``u``.
+
+Accuracy of the ghost identity (why the factors are centered)
+-------------------------------------------------------------
+The ghost sum has ``T S`` terms of size ``|u_t||u'_s||v_t||v'_s|``; each Gram entry is rounded with an error
+of about ``gamma_m |u_t||u'_s|`` (``gamma_m = m * unit_roundoff`` worst case, ``~ sqrt(m) * unit_roundoff``
+typically). So, for one sample, the rounding error of ``||G||^2`` is bounded (to first order) by::
+
+    |err| <= (gamma_m + gamma_n) * (sum_t |u_t| |v_t|)^2 = (gamma_m + gamma_n) * K * ||G||^2,
+    K = (sum_t |u_t| |v_t|)^2 / ||G||^2 >= 1
+
+whereas materializing ``G`` then squaring it errs by ``~ 2 gamma_T sqrt(K) ||G||^2``: the ghost squares the
+condition number of the token sum. ``K`` is large exactly when the token terms cancel, and transformers
+cancel systematically: the gradient w.r.t. attention *keys* sums to zero over the keys of every query
+(softmax rows sum to one), while the layer input (a LayerNorm output with its bias, residual "massive
+activation" dimensions, averaged attention values) shares a large common component ``c`` across tokens.
+With ``a_t = c + e_t`` and ``sum_t g_t ~ 0``, ``G = sum_t g_t e_t^T`` is small but the Gram entries are of
+size ``|c|^2``: ``K ~ T |c|^2 / |e|^2``. Measured on synthetic key-like factors (float32, ``T = 512``,
+``|c| / |e|`` = 100 and 1000 per element; ``tests/grad/test_factors.py``): 2.8e-4 and 5.3e-2 relative error
+of ``||G||^2`` with uncentered Grams, against ~2e-6 and ~9e-6 materialized.
+In GPT-2's fused ``c_attn`` the query and value columns dominate ``||G||`` and mask the key columns'
+cancellation (small random GPT-2s measure at float32 roundoff even uncentered); separate key projections,
+or a per-block slice of a fused weight, are exposed.
+
+The fix is an exact reformulation: each dense factor is centered per sample (``u_t = u~_t + u_bar`` with
+``u_bar`` the token mean, ``sum_t u~_t = 0``, the same for ``v``), which gives::
+
+    G = G~ + T u_bar v_bar^T,      G~ = sum_t u~_t v~_t^T
+    <G, G'> = <G~, G~'> + S u_bar'^T G~ v_bar' + T u_bar^T G~' v_bar + T S (u_bar . u_bar')(v_bar . v_bar')
+
+The first term is a ghost sum over *centered* factors (its ``K~`` no longer sees the common component);
+the three correction terms cost ``O(B T (m + n))``. Gram products are formed in the factors' dtype
+promoted to at least float32 and reduced over ``(t, s)`` in float64. The error bound above then holds with
+``K~ = (sum_t |u~_t| |v~_t|)^2 / ||G||^2``, plus the rounding of the centering itself, ``~ 2 u sqrt(K)`` (the
+materialized path's own order). On the same synthetic factors the centered ghost errs by 3.3e-7 and 2.9e-6
+(at most the materialized path's error); on GPT-2-like
+models (``tests/grad/test_api.py``) float32 ghost norms are within 1e-4 (measured ~3e-7) of a float64 oracle
+per parameter. The mixed index/dense ghost of a tied embedding with its output head is not centered (its
+one-hot factor has no common component to remove); its Gram products are reduced in float64 as well.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from hf_gradext.grad.sparse import SparseRowGrad
+
+NormMethod = Literal["auto", "ghost", "materialize"]
+NORM_METHODS: tuple[str, ...] = ("auto", "ghost", "materialize")
+
+
+def as_tokens(x: Tensor) -> Tensor:
+    """``(B, ..., d) -> (B, T, d)`` with ``T`` the product of the middle dims (``T = 1`` for ``(B, d)``).
+
+    Sizes are explicit because ``reshape(B, -1, d)`` is ambiguous (and raises) for an empty batch.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"expected a (batch, ..., features) tensor, got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
+
+
+def as_token_ids(x: Tensor) -> Tensor:
+    """``(B, ...) -> (B, T)`` index tensor (``T = 1`` for ``(B,)`` ids); explicit sizes, as in :func:`as_tokens`."""
+    if x.dim() < 1:
+        raise ValueError("expected a (batch, ...) index tensor, got a 0-dim tensor")
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 @dataclass
@@ -55,9 +118,13 @@ class Outer:
         return self.m * (1 if self.v is None else self.v.shape[-1])
 
     def use_ghost(self, other_seq_len: int | None = None) -> bool:
-        """Ghost (Gram) products iff ``2 T S < m n``: cheaper than building the ``m x n`` gradients."""
-        if self.is_index:
-            return False  # sparse rows are always cheaper than a T x T equality Gram
+        """Ghost (Gram) products iff ``2 T S < m n``: cheaper than building the ``m x n`` gradients.
+
+        Never for biases (the token sum is cheaper and exact) nor for sparse rows (cheaper than a ``T x S``
+        equality Gram).
+        """
+        if self.is_index or self.v is None:
+            return False
         s = self.seq_len if other_seq_len is None else other_seq_len
         return 2 * self.seq_len * s < self.numel
 
@@ -113,43 +180,135 @@ def materialize_sum(cs: list[Contribution]) -> Materialized:
     return total
 
 
-# --------------------------------------------------------------------------- Gram matrices
-def _factor_gram(x: Tensor | None, y: Tensor | None, diag: bool) -> Tensor | None:
-    """``x_t . y_s`` for factors of two contributions (``None`` = all-ones Gram).
+# --------------------------------------------------------------------------- ghost products
+def _work_dtype(*xs: Tensor | None) -> torch.dtype:
+    """The dtype Gram products are formed in: the floating factors' dtype promoted to at least float32."""
+    dt = torch.float32
+    for x in xs:
+        if x is not None and x.is_floating_point():
+            dt = torch.promote_types(dt, x.dtype)
+    return dt
 
-    Shapes: ``diag=True`` -> ``(B, T, S)`` (same sample on both sides); ``diag=False`` ->
-    ``(Bx, By, T, S)``. Index factors are one-hot rows.
-    """
-    if x is None or y is None:
-        return None
-    x_idx, y_idx = not x.is_floating_point(), not y.is_floating_point()
-    if x_idx and y_idx:
-        if diag:
-            return (x.unsqueeze(2) == y.unsqueeze(1)).float()  # (B, T, S)
-        return (x[:, None, :, None] == y[None, :, None, :]).float()  # (Bx, By, T, S)
-    if x_idx or y_idx:
-        idx, dense = (x, y) if x_idx else (y, x)  # idx (Bi, T), dense (Bd, S, m)
-        if diag:
-            index = idx.unsqueeze(1).expand(-1, dense.shape[1], -1)  # (B, S, T)
-            gram = torch.gather(dense, 2, index)  # (B, S, T): dense_s[idx_t]
-            return gram.transpose(1, 2) if x_idx else gram
-        bi, bd = idx.shape[0], dense.shape[0]
-        index = idx[:, None, None, :].expand(bi, bd, dense.shape[1], idx.shape[1])  # (Bi, Bd, S, T)
-        gram = torch.gather(dense.unsqueeze(0).expand(bi, -1, -1, -1), 3, index)  # (Bi, Bd, S, T)
-        gram = gram.transpose(2, 3)  # (Bi, Bd, T_idx, S_dense)
-        return gram if x_idx else gram.permute(1, 0, 3, 2)
-    y = y.to(x.dtype)
+
+def _accumulate(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Sum over ``dims`` in float64: the reductions over ``T x S`` products are where fp32 sums lose most."""
+    return x.sum(dims, dtype=torch.float64)
+
+
+def _gram(x: Tensor, y: Tensor, diag: bool) -> Tensor:
+    """Dense Gram ``x_t . y_s``: ``(B, T, S)`` (``diag``) or ``(Bx, By, T, S)``."""
     if diag:
         return torch.bmm(x, y.transpose(1, 2))  # (B, T, S)
     return torch.einsum("atm,bsm->abts", x, y)  # (Bx, By, T, S)
 
 
+@dataclass
+class _Centered:
+    """A dense weight term split as ``G = sum_t u~_t v~_t^T + T u_bar v_bar^T`` (``sum_t u~_t = 0``)."""
+
+    u: Tensor  # (B, T, m) centered
+    v: Tensor  # (B, T, n) centered
+    u_bar: Tensor  # (B, m) token mean
+    v_bar: Tensor  # (B, n) token mean
+    seq_len: int
+
+
+def _center(c: Outer, dtype: torch.dtype) -> _Centered:
+    assert c.v is not None and not c.is_index
+    seq = c.seq_len
+    u, v = c.u.to(dtype), c.v.to(dtype)
+    # sum / max(T, 1): an empty token axis gives zero means instead of NaN.
+    u_bar = u.sum(1) / max(seq, 1)  # (B, m)
+    v_bar = v.sum(1) / max(seq, 1)  # (B, n)
+    return _Centered(u - u_bar.unsqueeze(1), v - v_bar.unsqueeze(1), u_bar, v_bar, seq)
+
+
+def _bar_dots(x: Tensor, bar: Tensor) -> Tensor:
+    """``(B, T)`` dots of each token row of ``x`` (B, T, d) with its own sample's ``bar`` (B, d).
+
+    ``linalg.vecdot`` rather than ``einsum("btd,bd->bt")``: on CPU the einsum lowers to a ``bmm`` with a
+    one-column right side, several times slower than the fused multiply-reduce at these sizes.
+    """
+    return torch.linalg.vecdot(x, bar.unsqueeze(1))  # (B, T)
+
+
+def _cross_bar_dots(x: Tensor, bar: Tensor) -> Tensor:
+    """``(Bx, By, T)`` dots of the token rows of ``x`` (Bx, T, d) with every sample's ``bar`` (By, d)."""
+    bx, t, d = x.shape
+    return (x.reshape(bx * t, d) @ bar.T).reshape(bx, t, bar.shape[0]).transpose(1, 2)  # (Bx, By, T)
+
+
+def _ghost_dense(c1: Outer, c2: Outer, diag: bool) -> Tensor:
+    """Centered ghost inner products of two dense weight terms (see the module docstring)."""
+    dt = _work_dtype(c1.u, c1.v, c2.u, c2.v)
+    x = _center(c1, dt)
+    y = x if c2 is c1 else _center(c2, dt)
+    t, s = x.seq_len, y.seq_len
+    main = _accumulate(_gram(x.u, y.u, diag) * _gram(x.v, y.v, diag), (-2, -1))  # (B,) | (Bx, By)
+    if diag:
+        # y.u_bar^T G~_x y.v_bar = sum_t (x.u_t . y.u_bar)(x.v_t . y.v_bar), and the same with x <-> y.
+        cross_x = _accumulate(_bar_dots(x.u, y.u_bar) * _bar_dots(x.v, y.v_bar), (1,))  # (B,)
+        cross_y = (
+            cross_x if y is x else _accumulate(_bar_dots(y.u, x.u_bar) * _bar_dots(y.v, x.v_bar), (1,))
+        )  # (B,)
+        low = torch.linalg.vecdot(x.u_bar, y.u_bar).double() * torch.linalg.vecdot(x.v_bar, y.v_bar).double()
+    else:
+        cross_x = _accumulate(
+            _cross_bar_dots(x.u, y.u_bar) * _cross_bar_dots(x.v, y.v_bar), (-1,)
+        )  # (Bx, By)
+        cross_y = _accumulate(
+            _cross_bar_dots(y.u, x.u_bar) * _cross_bar_dots(y.v, x.v_bar), (-1,)
+        ).T  # (Bx, By)
+        low = (x.u_bar @ y.u_bar.T).double() * (x.v_bar @ y.v_bar.T).double()  # (Bx, By)
+    total = main + s * cross_x + t * cross_y + (t * s) * low
+    return total.to(dt)
+
+
+def _index_gram(x: Tensor, y: Tensor, diag: bool, dtype: torch.dtype) -> Tensor:
+    """``x_t . y_s`` when at least one side is a ``(B, T)`` index factor (one-hot rows of the table)."""
+    x_idx, y_idx = not x.is_floating_point(), not y.is_floating_point()
+    if x_idx and y_idx:
+        if diag:
+            return (x.unsqueeze(2) == y.unsqueeze(1)).to(dtype)  # (B, T, S)
+        return (x[:, None, :, None] == y[None, :, None, :]).to(dtype)  # (Bx, By, T, S)
+    idx, dense = (x, y) if x_idx else (y, x)  # idx (Bi, T), dense (Bd, S, m)
+    dense = dense.to(dtype)
+    if diag:
+        index = idx.unsqueeze(1).expand(-1, dense.shape[1], -1)  # (B, S, T)
+        gram = torch.gather(dense, 2, index)  # (B, S, T): dense_s[idx_t]
+        return gram.transpose(1, 2) if x_idx else gram
+    bi, bd = idx.shape[0], dense.shape[0]
+    index = idx[:, None, None, :].expand(bi, bd, dense.shape[1], idx.shape[1])  # (Bi, Bd, S, T)
+    gram = torch.gather(dense.unsqueeze(0).expand(bi, -1, -1, -1), 3, index)  # (Bi, Bd, S, T)
+    gram = gram.transpose(2, 3)  # (Bi, Bd, T_idx, S_dense)
+    return gram if x_idx else gram.permute(1, 0, 3, 2)
+
+
+def _ghost_mixed(c1: Outer, c2: Outer, diag: bool) -> Tensor:
+    """Ghost products when a factor is an index tensor (a tied embedding with its dense head)."""
+    assert c1.v is not None and c2.v is not None
+    dt = _work_dtype(c1.u, c1.v, c2.u, c2.v)
+    gu = _index_gram(c1.u, c2.u, diag, dt)
+    gv = _gram(c1.v.to(dt), c2.v.to(dt), diag)
+    return _accumulate(gu * gv, (-2, -1)).to(dt)  # (B,) | (Bx, By)
+
+
 def _ghost(c1: Outer, c2: Outer, diag: bool) -> Tensor:
-    gu = _factor_gram(c1.u, c2.u, diag)
-    gv = _factor_gram(c1.v, c2.v, diag)
-    assert gu is not None
-    prod = gu if gv is None else gu * gv.to(gu.dtype)
-    return prod.sum((-2, -1))  # (B,) or (Bx, By)
+    if c1.is_index or c2.is_index:
+        return _ghost_mixed(c1, c2, diag)
+    return _ghost_dense(c1, c2, diag)
+
+
+def _takes_ghost(c1: Outer, c2: Outer, method: str) -> bool:
+    if c1.v is None or c2.v is None:
+        return False  # biases: the token sum is exact and cheaper than any Gram
+    if c1.is_index and c2.is_index:
+        return False  # sparse rows join on row ids; an equality Gram is never cheaper
+    if method == "materialize":
+        return False
+    if method == "ghost" or c1.is_index != c2.is_index:
+        return True  # mixed: a T x S gather, never a table-sized tensor
+    return c1.use_ghost(c2.seq_len)
 
 
 # --------------------------------------------------------------------------- inner products
@@ -174,45 +333,50 @@ def _materialized_dots(x: Materialized, y: Materialized, diag: bool) -> Tensor:
     return x.flatten(1) @ y.flatten(1).T
 
 
-def inner(c1: Contribution, c2: Contribution, diag: bool) -> Tensor:
+def _check_method(method: str) -> None:
+    if method not in NORM_METHODS:
+        raise ValueError(f"method={method!r}: use one of {', '.join(NORM_METHODS)}")
+
+
+def inner(c1: Contribution, c2: Contribution, diag: bool, method: NormMethod = "auto") -> Tensor:
     """Inner products between per-sample gradients of two contributions to the same parameter.
 
     Args:
         c1, c2: contributions (same parameter shape).
         diag: ``True`` -> ``(B,)`` with ``<c1_i, c2_i>`` (needs equal batch sizes); ``False`` ->
             ``(B1, B2)`` with ``<c1_i, c2_j>``.
-
-    The ghost identity is used for two ``Outer`` terms when ``2 T S < m n`` or when exactly one of them is
-    an index term (a ``T x S`` gather, no table-sized tensor); otherwise both sides are materialized.
+        method: ``"auto"`` uses the (centered) ghost identity for two dense weight terms when
+            ``2 T S < m n``, and for a dense term with an index term (a ``T x S`` gather, no table-sized
+            tensor); ``"ghost"`` forces it for every dense-weight pair; ``"materialize"`` never uses it.
+            Biases and two index terms are always materialized (exact token / row sums).
     """
-    if isinstance(c1, Outer) and isinstance(c2, Outer):
-        mixed = c1.is_index != c2.is_index
-        if mixed or (not c1.is_index and c1.use_ghost(c2.seq_len)):
-            return _ghost(c1, c2, diag)
+    _check_method(method)
+    if isinstance(c1, Outer) and isinstance(c2, Outer) and _takes_ghost(c1, c2, method):
+        return _ghost(c1, c2, diag)
     if diag and c1 is c2:
         m = materialize(c1)
         return m.sq_norms() if isinstance(m, SparseRowGrad) else m.flatten(1).pow(2).sum(1)
     return _materialized_dots(materialize(c1), materialize(c2), diag)
 
 
-def sq_norms(cs: list[Contribution]) -> Tensor:
+def sq_norms(cs: list[Contribution], method: NormMethod = "auto") -> Tensor:
     """``(B,)`` squared norm of the per-sample gradient ``sum(cs)``: all pairwise inner products."""
-    total = inner(cs[0], cs[0], diag=True)
+    total = inner(cs[0], cs[0], diag=True, method=method)
     for i in range(len(cs)):
         for j in range(i, len(cs)):
             if i == j and i == 0:
                 continue
-            term = inner(cs[i], cs[j], diag=True)
+            term = inner(cs[i], cs[j], diag=True, method=method)
             total = total + (term if i == j else 2 * term)
     return total
 
 
-def dots(cs1: list[Contribution], cs2: list[Contribution]) -> Tensor:
+def dots(cs1: list[Contribution], cs2: list[Contribution], method: NormMethod = "auto") -> Tensor:
     """``(B1, B2)`` inner products between ``sum(cs1)`` and ``sum(cs2)`` per sample pair."""
     total = None
     for c1 in cs1:
         for c2 in cs2:
-            term = inner(c1, c2, diag=False)
+            term = inner(c1, c2, diag=False, method=method)
             total = term if total is None else total + term
     assert total is not None
     return total

@@ -40,6 +40,11 @@ def fallback_math(
     own = {k: p.detach() for k, p in module.named_parameters(recurse=False) if trainable(p)}
     if not own:
         return {}
+    if a.shape[0] == 0:  # vmap cannot map over an empty batch; the answer is known: no samples
+        return {
+            k: Dense(p.new_zeros((0, *p.shape), dtype=torch.promote_types(p.dtype, g.dtype)))
+            for k, p in own.items()
+        }
 
     def one_sample(x: Tensor, gi: Tensor) -> dict[str, Tensor]:
         def f(params: dict[str, Tensor]) -> Tensor:

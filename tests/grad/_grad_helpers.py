@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -64,3 +66,24 @@ def module_oracle(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[s
         out = module(a[i : i + 1])
         rows.append(torch.autograd.grad((out * g[i : i + 1]).sum(), [p for _, p in named]))
     return {n: torch.stack([r[k] for r in rows]) for k, (n, _) in enumerate(named)}
+
+
+def loop_oracle(
+    model: nn.Module, x: torch.Tensor, sample_loss: Callable[[torch.Tensor, int], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Float64 per-sample oracle for any sample-wise model: sample ``i``'s own forward and backward.
+
+    ``sample_loss(out_i, i)`` is sample ``i``'s loss from its ``(1, ...)`` output. Returns
+    ``{name: (B, *param.shape)}`` over the trainable parameters (``(0, *shape)`` for an empty batch).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(
+            sample_loss(model(x[i : i + 1]), i), [p for _, p in named], allow_unused=True
+        )
+        rows.append([torch.zeros_like(p) if gr is None else gr for (_, p), gr in zip(named, grads)])
+    return {
+        n: torch.stack([r[k] for r in rows]) if rows else p.new_zeros((0, *p.shape))
+        for k, (n, p) in enumerate(named)
+    }

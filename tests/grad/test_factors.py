@@ -3,8 +3,19 @@ from __future__ import annotations
 import pytest
 import torch
 from _grad_helpers import rel_err
+from torch import Tensor
 
-from hf_gradext.grad.factors import Dense, Outer, dots, inner, materialize, materialize_sum, sq_norms
+from hf_gradext.grad.factors import (
+    Dense,
+    Outer,
+    as_token_ids,
+    as_tokens,
+    dots,
+    inner,
+    materialize,
+    materialize_sum,
+    sq_norms,
+)
 from hf_gradext.grad.sparse import SparseRowGrad
 
 D = torch.float64
@@ -60,3 +71,90 @@ def test_bias_outer_and_sparse_sum():
     both = materialize_sum([emb, emb])
     assert isinstance(both, SparseRowGrad)
     assert rel_err(both.to_dense(), 2 * _dense(emb)) <= 1e-12
+
+
+def test_bias_never_takes_the_ghost_path(monkeypatch):
+    # 2 T^2 = 8 < m = 50 would have chosen the ghost before; a token sum is exact and cheaper.
+    from hf_gradext.grad import factors
+
+    def no_ghost(*args, **kwargs):
+        raise AssertionError("bias routed through the ghost Gram")
+
+    monkeypatch.setattr(factors, "_ghost", no_ghost)
+    g = torch.randn(3, 2, 50, dtype=D)
+    bias = Outer(u=g, v=None, m=50)
+    assert not bias.use_ghost()
+    for method in ("auto", "ghost", "materialize"):
+        assert rel_err(sq_norms([bias], method), g.sum(1).pow(2).sum(1)) <= 1e-12
+        assert rel_err(dots([bias], [bias], method), g.sum(1) @ g.sum(1).T) <= 1e-12
+
+
+def _key_like(t: int, ratio: float, seed: int = 0) -> tuple[Outer, Tensor]:
+    """Float32 factors whose token terms cancel: ``sum_t g_t = 0`` (attention-key gradients) and inputs
+    sharing a common component ``ratio`` times their spread (LayerNorm bias, massive activations)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, t, 64, generator=gen, dtype=D) + ratio * torch.randn(1, 1, 64, generator=gen, dtype=D)
+    g = torch.randn(4, t, 48, generator=gen, dtype=D)
+    g = g - g.mean(1, keepdim=True)
+    c = Outer(u=g.float(), v=a.float(), m=48)  # nn.Linear layout [out, in]
+    exact = torch.einsum("bto,bti->boi", c.u.double(), c.v.double())  # (B, 48, 64) from the fp32 factors
+    return c, exact.flatten(1)
+
+
+@pytest.mark.parametrize(("t", "ratio"), [(64, 100.0), (512, 100.0), (512, 1000.0)])
+def test_float32_ghost_survives_token_cancellation(t, ratio):
+    # Uncentered fp32 ghost Grams erred by 7e-4, 3e-4 and 5e-2 here (the error grows with the squared
+    # condition number of the token sum); centering leaves the materialized path's order.
+    c, exact = _key_like(t, ratio)
+    ref = exact.pow(2).sum(1)
+    ghost = sq_norms([c], "ghost").double()
+    mat = sq_norms([c], "materialize").double()
+    assert rel_err(ghost, ref) <= 1e-5
+    assert float(((ghost - ref).abs() / ref).max()) <= 3 * float(((mat - ref).abs() / ref).max()) + 1e-6
+    other, other_exact = _key_like(t, ratio, seed=1)
+    cross = dots([c], [other], "ghost").double()  # (4, 4) between samples of two batches
+    scale = ref.sqrt()[:, None] * other_exact.norm(dim=1)[None, :]
+    assert float(((cross - exact @ other_exact.T).abs() / scale).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("diag", [True, False])
+def test_centered_ghost_matches_materialized_in_float64(diag):
+    gen = torch.Generator().manual_seed(3)
+    c1 = Outer(
+        u=torch.randn(3, 6, 8, generator=gen, dtype=D) + 2,
+        v=torch.randn(3, 6, 9, generator=gen, dtype=D),
+        m=8,
+    )
+    c2 = Outer(
+        u=torch.randn(3, 4, 8, generator=gen, dtype=D),
+        v=torch.randn(3, 4, 9, generator=gen, dtype=D) - 1,
+        m=8,
+    )
+    x, y = _dense(c1).flatten(1), _dense(c2).flatten(1)
+    ref = (x * y).sum(1) if diag else x @ y.T
+    assert rel_err(inner(c1, c2, diag=diag, method="ghost"), ref) <= 1e-12
+    assert inner(c1, c2, diag=diag, method="ghost").dtype == D
+
+
+def test_empty_batch_and_empty_tokens():
+    emb, head, dense = _contribs(b=0)
+    for cs in ([emb], [head], [dense], [emb, head]):
+        for method in ("auto", "ghost", "materialize"):
+            assert sq_norms(cs, method).shape == (0,)
+            assert dots(cs, cs, method).shape == (0, 0)
+    assert _dense(head).shape == (0, 9, 6) and materialize(emb).shape == (0, 9, 6)
+    no_tokens = Outer(u=torch.randn(2, 0, 5, dtype=D), v=torch.randn(2, 0, 3, dtype=D), m=5)
+    assert torch.equal(sq_norms([no_tokens], "ghost"), torch.zeros(2, dtype=D))
+
+
+def test_unknown_method_is_refused():
+    _, head, _ = _contribs()
+    with pytest.raises(ValueError, match="method"):
+        sq_norms([head], "fast")
+
+
+def test_as_tokens_flattens_token_dims_with_explicit_sizes():
+    assert as_tokens(torch.zeros(0, 3, 2, 5)).shape == (0, 6, 5)  # reshape(0, -1, 5) is ambiguous
+    assert as_tokens(torch.zeros(4, 5)).shape == (4, 1, 5)
+    assert as_token_ids(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
+    assert as_token_ids(torch.zeros(4, dtype=torch.long)).shape == (4, 1)
