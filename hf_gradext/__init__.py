@@ -3,7 +3,7 @@ Kronecker gradient projection and GPT-2 patches."""
 
 __version__ = "0.1.0"
 
-import hf_gradext.patches  # noqa: E402,F401  (GPT-2 config hooks: patched checkpoints rebuild on from_pretrained)
+import hf_gradext.patches  # noqa: E402,F401  (registers model_type gpt2_gradext with the Auto classes)
 from hf_gradext.arguments import GradExtArguments  # noqa: E402
 from hf_gradext.trainer import GradExtTrainer  # noqa: E402
 

@@ -97,9 +97,10 @@ def load_model(args: Any, tokenizer: Any, config: Any | None = None) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
-    from hf_gradext.patches import apply_from_args
+    from hf_gradext.patches import apply_from_args, check_not_legacy_checkpoint
 
     config = config if config is not None else build_config(args, tokenizer)
+    check_not_legacy_checkpoint(config)  # before loading weights: a legacy patched GPT-2 would load stock
     name = getattr(args, "model_name_or_path", None)
     if name is not None:
         kwargs: dict[str, Any] = {}
@@ -142,6 +143,8 @@ def wrap_lora(args: Any, model: Any) -> Any:
     """peft LoRA with TRL's ``ModelConfig`` flag names; prints the trainable parameter count."""
     from peft import LoraConfig, get_peft_model
 
+    from hf_gradext.patches import is_gpt2_config
+
     lora = LoraConfig(
         task_type="CAUSAL_LM",
         r=args.lora_r,
@@ -150,7 +153,7 @@ def wrap_lora(args: Any, model: Any) -> Any:
         target_modules=getattr(args, "lora_target_modules", None) or None,
         modules_to_save=getattr(args, "lora_modules_to_save", None) or None,
         # HF GPT-2's Conv1D stores W as [in, out]; peft needs to know (it warns and flips it otherwise).
-        fan_in_fan_out=getattr(model.config, "model_type", None) == "gpt2",
+        fan_in_fan_out=is_gpt2_config(model.config),
     )
     try:
         model = get_peft_model(model, lora)

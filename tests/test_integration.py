@@ -246,6 +246,13 @@ def test_rmsnorm_swiglu_with_collection_and_projection(tmp_path, forward_spy):
     _, ids, meta = load_projections(out / "projections", sort_by_id=False)
     assert ids == list(range(2 * BATCH)) and any("gate_proj" in b["name"] for b in meta["layers"])
     _assert_rows_equal_projection(out / "projections", model, blocks, step=1)
+    # The saved model is the patched architecture under its own model_type, and reloads as such.
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2_gradext"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded).__name__ == "GradExtGPT2LMHeadModel"
+    assert type(reloaded.transformer.h[0].mlp).__name__ == "GradExtSwiGLUMLP"
 
 
 def test_lora_with_projection_defaults_to_the_lora_layers(tmp_path, forward_spy):

@@ -25,16 +25,16 @@ class PatchesArguments:
     gpt2_rms_norm: bool = field(
         default=False,
         metadata={
-            "help": "Replace GPT-2's LayerNorms by RMSNorm (torch fused rms_norm). Recorded in the config, "
-            "so save_pretrained/from_pretrained rebuilds it; on a stock checkpoint the LayerNorm biases "
-            "are dropped (listed in a warning)."
+            "help": "Replace GPT-2's LayerNorms by RMSNorm (torch fused rms_norm). The model is saved as "
+            "model_type gpt2_gradext, which AutoModelForCausalLM.from_pretrained rebuilds after import "
+            "hf_gradext; on a stock checkpoint the LayerNorm biases are dropped (listed in a warning)."
         },
     )
     gpt2_swiglu: bool = field(
         default=False,
         metadata={
             "help": "Replace GPT-2's GELU MLP by SwiGLU: down(silu(gate(x)) * up(x)), bias-free Linears. "
-            "Recorded in the config; on a stock checkpoint the MLP weights are new (listed in a warning)."
+            "Saved as model_type gpt2_gradext; on a stock checkpoint the MLP weights are new (listed in a warning)."
         },
     )
     swiglu_hidden_size: int | None = field(

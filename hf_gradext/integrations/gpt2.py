@@ -1,4 +1,6 @@
-"""transformers internals the GPT-2 mask cache relies on, each checked once.
+"""transformers internals the GPT-2 patches rely on, each checked once.
+
+Mask cache:
 
 * ``masking_utils.create_causal_mask``: takes ``config, inputs_embeds, attention_mask, position_ids``
   and the KV cache under the name ``past_key_values`` (transformers 5.23) or ``cache`` (5.24);
@@ -6,12 +8,18 @@
   through (so replacing it there reroutes GPT-2's mask creation and nothing else);
 * ``GPT2Model.forward``: ``(input_ids, <cache>, ...)`` with ``position_ids`` and ``inputs_embeds``, where
   ``<cache>`` is the same name as above.
+
+Patched model classes (:mod:`hf_gradext.patches.gpt2_models`): ``post_init`` / ``_init_weights`` /
+``is_custom_code`` of ``PreTrainedModel``, ``transformers.initialization.normal_``, and the layout
+``GPT2LMHeadModel.__init__`` has built when it calls ``post_init``.
 """
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
+
+from torch import nn
 
 from hf_gradext.integrations.guard import check_once, missing_parameters
 
@@ -82,7 +90,13 @@ def check_mask_cache_touchpoints() -> None:
 
 
 def check_construction_touchpoints() -> None:
-    """``GPT2PreTrainedModel.post_init`` / ``_init_weights`` (wrapped by the config-driven construction hooks)."""
+    """What the patched GPT-2 classes override or call while they are built (checked once).
+
+    ``post_init()`` (runs weight init after the submodules exist), ``_init_weights(module)`` (per-module
+    init, children before parents), ``is_custom_code()`` (overridden: native init) and ``transformers.initialization.normal_(tensor, mean, std)`` (the
+    init that skips weights ``from_pretrained`` already loaded).
+    """
+    from transformers import initialization
     from transformers.models.gpt2 import modeling_gpt2
 
     def check() -> str | None:
@@ -91,6 +105,34 @@ def check_construction_touchpoints() -> None:
             problem = missing_parameters(getattr(cls, name, None), params)
             if problem:
                 return f"GPT2PreTrainedModel.{name}: {problem}"
+        if not callable(getattr(cls, "is_custom_code", None)):
+            return "PreTrainedModel.is_custom_code (the patched classes declare themselves native) is gone"
+        problem = missing_parameters(getattr(initialization, "normal_", None), ("tensor", "mean", "std"))
+        if problem:
+            return f"transformers.initialization.normal_: {problem}"
         return None
 
     check_once("GPT2PreTrainedModel.post_init/_init_weights", PACKAGE, check)
+
+
+def check_lm_head_layout(model: Any) -> None:
+    """``GPT2LMHeadModel.__init__`` has built ``transformer`` (a ``GPT2Model``) and ``lm_head`` by the time it
+    calls ``post_init`` (the patched head swaps modules inside ``transformer`` there)."""
+    from transformers.models.gpt2 import modeling_gpt2
+
+    def check() -> str | None:
+        if not isinstance(getattr(model, "transformer", None), modeling_gpt2.GPT2Model):
+            return "GPT2LMHeadModel.__init__ calls post_init without a GPT2Model at .transformer"
+        if not isinstance(getattr(model, "lm_head", None), nn.Module):
+            return "GPT2LMHeadModel.__init__ calls post_init without an .lm_head module"
+        return None
+
+    check_once("GPT2LMHeadModel.__init__ layout", PACKAGE, check)
+
+
+def init_normal_(tensor: Any, std: float, mean: float = 0.0) -> None:
+    """``transformers.initialization.normal_`` (checked by :func:`check_construction_touchpoints`)."""
+    from transformers import initialization
+
+    check_construction_touchpoints()
+    initialization.normal_(tensor, mean=mean, std=std)

@@ -1,14 +1,18 @@
 """``apply_gradext_to_gpt2``: causal-mask caching, RMSNorm and SwiGLU for HF GPT-2 (Liger style).
 
-* ``model=None`` (class level, before construction): GPT-2 models built afterwards (``GPT2LMHeadModel(
-  config)``, ``from_pretrained``) get the patches unless their config states its own choice.
-* ``model=...`` (instance level): the modules of that model are swapped in place and the choice is
-  recorded in ``model.config``; new weights are listed in a warning (a stock checkpoint loaded with
-  ``rms_norm`` / ``swiglu`` on is no longer the pretrained function until it is trained).
+* ``model=...`` (instance level): the modules of that model are swapped in place; with RMSNorm or SwiGLU
+  the model becomes a ``GradExtGPT2LMHeadModel`` / ``GradExtGPT2Model`` and its config a
+  ``GPT2GradExtConfig`` (``model_type="gpt2_gradext"``), so ``save_pretrained`` writes a checkpoint that
+  ``AutoModelForCausalLM.from_pretrained`` (after ``import hf_gradext``) rebuilds exactly, and that no
+  process can load as stock GPT-2. New weights are listed in a warning (a stock checkpoint patched with
+  ``rms_norm`` / ``swiglu`` is no longer the pretrained function until it is trained). Other models in
+  the process are untouched.
+* ``model=None`` (class level, an explicit process-wide opt-in): stock ``GPT2Model`` /
+  ``GPT2LMHeadModel`` built afterwards (``GPT2LMHeadModel(config)``, ``from_pretrained``) get the
+  patches (:func:`~hf_gradext.patches.gpt2_models.install_class_level_patches`); all flags off undoes it.
 
-Either way ``save_pretrained`` + (``import hf_gradext``) + ``from_pretrained`` rebuilds the same
-architecture (see :mod:`hf_gradext.patches.gpt2_config`). The mask cache changes no output and is
-switched on per model (:mod:`hf_gradext.patches.mask_cache`).
+The mask cache changes no output and is switched on per model (:mod:`hf_gradext.patches.mask_cache`);
+alone it keeps ``model_type="gpt2"``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model
 
 from hf_gradext.errors import UserFacingError
-from hf_gradext.patches import gpt2_config, mask_cache
+from hf_gradext.patches import gpt2_config, gpt2_models, mask_cache
 from hf_gradext.patches.gpt2_modules import summarize_names, swap_gpt2_modules
 from hf_gradext.patches.swiglu import GradExtSwiGLUMLP, default_swiglu_hidden_size
 
@@ -78,7 +82,6 @@ def apply_gradext_to_gpt2(
             has a SwiGLU of another width.
     """
     _check_hidden_size(swiglu, swiglu_hidden_size)
-    gpt2_config.install_construction_hooks()
 
     if model is None:
         # Class level: models built from now on whose config states no choice follow this one.
@@ -86,15 +89,19 @@ def apply_gradext_to_gpt2(
             mask_cache.install_mask_cache()
         else:
             mask_cache.uninstall_mask_cache()
-        gpt2_config.set_class_defaults(rms_norm, swiglu, swiglu_hidden_size)
+        gpt2_models.install_class_level_patches(rms_norm, swiglu, swiglu_hidden_size)
         return None
 
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type != "gpt2":
+    if not gpt2_config.is_gpt2_config(config):
         raise UserFacingError(
-            f"apply_gradext_to_gpt2 got a model of type {model_type!r}; pass a GPT-2 model "
-            "or use hf_gradext.patches.apply_gradext(model, ...) to dispatch by config.model_type"
+            f"apply_gradext_to_gpt2 got a model of type {getattr(config, 'model_type', None)!r}; pass a GPT-2 "
+            "model or use hf_gradext.patches.apply_gradext(model, ...) to dispatch by config.model_type"
+        )
+    if (rms_norm or swiglu) and not _has_patched_class(model):
+        raise UserFacingError(
+            f"RMSNorm/SwiGLU patches exist for GPT2LMHeadModel and GPT2Model, not {type(model).__name__}; "
+            "load the model with AutoModelForCausalLM, or use only causal_mask_cache"
         )
     # Instance level: only this model's configs record the choice; other models are untouched.
     mask_cache.enable_for_model(model, causal_mask_cache)
@@ -113,14 +120,14 @@ def apply_gradext_to_gpt2(
             hidden = None
         fresh = [b for b in gpt2.h if swiglu and not isinstance(b.mlp, GradExtSwiGLUMLP)]
         added, removed = swap_gpt2_modules(gpt2, rms_norm, swiglu, hidden)
-        model_init = getattr(model, "_init_weights", None)
-        if model_init is not None:
-            # Same init as a freshly built patched model (GPT-2 scheme, scaled down_proj); only the
-            # MLPs created just now, children before parent as transformers does.
+        if rms_norm or swiglu:
+            gpt2_config.to_gradext_config(gpt2.config, rms_norm, swiglu, hidden)
+            gpt2_models.retype_model(model)
+            # Same init as a freshly built patched model (GPT-2 scheme, residual-scaled down_proj); only
+            # the MLPs created just now, children before parent as transformers does.
             for block in fresh:
                 for module in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj, block.mlp):
-                    model_init(module)
-        gpt2_config.record_flags(gpt2.config, rms_norm, swiglu, hidden)
+                    model._init_weights(module)
         prefix = _prefix_of(model, gpt2)
         new += [prefix + n for n in added]
         dropped += [prefix + n for n in removed]
@@ -137,6 +144,11 @@ def apply_gradext_to_gpt2(
             summarize_names(dropped) or "none",
         )
     return model
+
+
+def _has_patched_class(model: nn.Module) -> bool:
+    classes = gpt2_models.PATCHED_CLASSES
+    return type(model) in classes or type(model) in classes.values()
 
 
 def _prefix_of(root: nn.Module, child: nn.Module) -> str:

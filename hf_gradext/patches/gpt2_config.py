@@ -1,43 +1,66 @@
-"""Config-driven construction of patched GPT-2 models.
+"""The config of patched GPT-2 models: ``model_type="gpt2_gradext"``.
 
-The patch choices live in the model config (``gradext_rms_norm``, ``gradext_swiglu``,
-``gradext_swiglu_hidden_size``), so ``save_pretrained`` writes them to ``config.json``.
-:func:`install_construction_hooks` (run when ``hf_gradext.patches`` is imported, i.e. on
-``import hf_gradext``) wraps two ``GPT2PreTrainedModel`` methods:
+RMSNorm and SwiGLU change GPT-2's parameters, so a patched checkpoint must never be read as stock GPT-2
+(transformers would fill the MLPs with random weights and only warn about missing keys). It gets a
+``model_type`` of its own, as HF does for every architecture: :class:`GPT2GradExtConfig` subclasses
+``GPT2Config`` with three fields (``gradext_rms_norm``, ``gradext_swiglu``,
+``gradext_swiglu_hidden_size``) that ``save_pretrained`` writes to ``config.json``. The classes that
+build from it live in :mod:`hf_gradext.patches.gpt2_models`; both are registered with the Auto classes
+when :mod:`hf_gradext.patches` is imported (registry entries only, no transformers class is changed).
 
-* ``post_init``: a ``GPT2Model`` whose config asks for the patches gets its modules swapped *before*
-  transformers initializes weights, so ``GPT2LMHeadModel(config)`` and
-  ``AutoModelForCausalLM.from_pretrained(saved_dir)`` both rebuild the patched architecture;
-* ``_init_weights``: the SwiGLU down projection gets GPT-2's residual-scaled init
-  (``initializer_range / sqrt(2 n_layer)``), as ``GPT2MLP.c_proj`` does.
+A process without hf_gradext cannot load such a checkpoint and says so (transformers: "model type
+``gpt2_gradext`` ... not recognized"); checkpoints saved by earlier hf_gradext versions as ``gpt2`` are
+refused until migrated (:mod:`hf_gradext.patches.migration`).
 
-A config without these keys builds stock GPT-2, unless :func:`set_class_defaults` (the class-level
-form of ``apply_gradext_to_gpt2``) asked for patches; then the defaults are written into the config.
+The mask cache changes no parameter and no output, so it stays an optional key
+(``gradext_causal_mask_cache``) that stock GPT-2 configs may carry too.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from transformers import initialization as init
-from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
+from huggingface_hub.dataclasses import strict
+from transformers import GPT2Config
 
-from hf_gradext.patches.gpt2_modules import swap_gpt2_modules
-from hf_gradext.patches.swiglu import GradExtSwiGLUMLP, default_swiglu_hidden_size
+from hf_gradext.patches.swiglu import default_swiglu_hidden_size
 
+MODEL_TYPE = "gpt2_gradext"
+GPT2_MODEL_TYPES = ("gpt2", MODEL_TYPE)
 RMS_NORM_KEY = "gradext_rms_norm"
 SWIGLU_KEY = "gradext_swiglu"
 SWIGLU_HIDDEN_KEY = "gradext_swiglu_hidden_size"
 
-# Set by the class-level form of apply_gradext_to_gpt2 (model=None); consulted for configs that do
-# not state the patches themselves.
+# Set by the class-level form of apply_gradext_to_gpt2 (model=None): the patches for stock GPT-2 configs
+# built into models from then on (hf_gradext.patches.gpt2_models.install_class_level_patches).
 _class_defaults: dict[str, Any] = {}
-_originals: dict[str, Any] = {}
+
+
+@strict
+class GPT2GradExtConfig(GPT2Config):
+    """``GPT2Config`` plus the architecture patches; ``model_type="gpt2_gradext"``.
+
+    Args (beyond ``GPT2Config``'s):
+        gradext_rms_norm: every LayerNorm is an RMSNorm (no bias).
+        gradext_swiglu: every MLP is a SwiGLU (``gate_proj``, ``up_proj``, ``down_proj``, no bias).
+        gradext_swiglu_hidden_size: SwiGLU width; ``None`` = ``round(8 n_embd / 3)`` (GELU MLP's weight
+            count), resolved and recorded at construction so a reload never re-derives it.
+    """
+
+    model_type = MODEL_TYPE
+
+    gradext_rms_norm: bool = False
+    gradext_swiglu: bool = False
+    gradext_swiglu_hidden_size: int | None = None
+
+
+def is_gpt2_config(config: Any) -> bool:
+    """Stock or patched GPT-2 (the models the GPT-2 patches and GPT-2 specific choices apply to)."""
+    return getattr(config, "model_type", None) in GPT2_MODEL_TYPES
 
 
 def set_class_defaults(rms_norm: bool, swiglu: bool, swiglu_hidden_size: int | None) -> None:
-    """Patches for GPT-2 models constructed from now on whose config does not state them."""
+    """Patches for stock-config GPT-2 models constructed from now on (class-level form)."""
     _class_defaults.clear()
     if rms_norm:
         _class_defaults[RMS_NORM_KEY] = True
@@ -52,53 +75,29 @@ def class_defaults() -> dict[str, Any]:
 
 
 def resolve_flags(config: Any) -> tuple[bool, bool, int | None]:
-    """``(rms_norm, swiglu, swiglu_hidden_size)`` for ``config``; writes class defaults into it."""
-    for key, value in _class_defaults.items():
-        if getattr(config, key, None) is None:
-            setattr(config, key, value)
+    """``(rms_norm, swiglu, swiglu_hidden_size)`` a config asks for; records the resolved width."""
     rms_norm = bool(getattr(config, RMS_NORM_KEY, False))
     swiglu = bool(getattr(config, SWIGLU_KEY, False))
     hidden = None
     if swiglu:
         hidden = getattr(config, SWIGLU_HIDDEN_KEY, None) or default_swiglu_hidden_size(config.hidden_size)
-        setattr(config, SWIGLU_HIDDEN_KEY, hidden)  # recorded so a reload never re-derives it
+        setattr(config, SWIGLU_HIDDEN_KEY, hidden)
     return rms_norm, swiglu, hidden
 
 
-def record_flags(config: Any, rms_norm: bool, swiglu: bool, swiglu_hidden_size: int | None) -> None:
-    """Write patches applied to an existing model into its config (only the ones switched on)."""
+def to_gradext_config(config: Any, rms_norm: bool, swiglu: bool, swiglu_hidden_size: int | None) -> None:
+    """Turn a GPT-2 config into a :class:`GPT2GradExtConfig` in place, adding the patches switched on.
+
+    In place (not a copy) because the model and its submodels share one config object. A
+    ``GPT2GradExtConfig`` has exactly ``GPT2Config``'s fields plus three with defaults, so retyping the
+    object is complete: nothing is lost, and ``model_type`` (a class attribute) becomes ``gpt2_gradext``.
+    """
+    if not isinstance(config, GPT2GradExtConfig):
+        if not isinstance(config, GPT2Config):
+            raise TypeError(f"expected a GPT2Config, got {type(config).__name__}")
+        config.__class__ = GPT2GradExtConfig
     if rms_norm:
-        setattr(config, RMS_NORM_KEY, True)
+        config.gradext_rms_norm = True
     if swiglu:
-        setattr(config, SWIGLU_KEY, True)
-        setattr(config, SWIGLU_HIDDEN_KEY, swiglu_hidden_size)
-
-
-def _post_init(self: GPT2PreTrainedModel) -> None:
-    if isinstance(self, GPT2Model):
-        rms_norm, swiglu, hidden = resolve_flags(self.config)
-        if rms_norm or swiglu:
-            swap_gpt2_modules(self, rms_norm, swiglu, hidden)
-    _originals["post_init"](self)
-
-
-def _init_weights(self: GPT2PreTrainedModel, module: Any) -> None:
-    _originals["_init_weights"](self, module)
-    if isinstance(module, GradExtSwiGLUMLP):
-        # Children are initialized before parents, so this overrides the plain Linear init.
-        std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-        init.normal_(module.down_proj.weight, mean=0.0, std=std)
-
-
-def install_construction_hooks() -> None:
-    """Idempotent; a no-op for configs that ask for no patch."""
-    if _originals:
-        return
-    from hf_gradext.integrations.gpt2 import check_construction_touchpoints
-
-    check_construction_touchpoints()
-    # Look up through the MRO: post_init is PreTrainedModel's, _init_weights GPT2PreTrainedModel's.
-    _originals["post_init"] = GPT2PreTrainedModel.post_init
-    _originals["_init_weights"] = GPT2PreTrainedModel._init_weights
-    GPT2PreTrainedModel.post_init = _post_init
-    GPT2PreTrainedModel._init_weights = _init_weights
+        config.gradext_swiglu = True
+        config.gradext_swiglu_hidden_size = swiglu_hidden_size

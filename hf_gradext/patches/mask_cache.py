@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from transformers.models.gpt2 import modeling_gpt2
 
+from hf_gradext.patches.gpt2_config import is_gpt2_config
+
 MAX_ENTRIES = 32
 
 _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -246,7 +248,7 @@ def enable_for_model(model: Any, on: bool = True) -> None:
         install_hook()
     for module in model.modules():
         config = getattr(module, "config", None)
-        if config is not None and getattr(config, "model_type", None) == "gpt2":
+        if config is not None and is_gpt2_config(config):
             setattr(config, MASK_CACHE_KEY, bool(on))
 
 

@@ -10,7 +10,10 @@ from torch import nn
 from hf_gradext.errors import UserFacingError
 from hf_gradext.patches.gpt2 import apply_gradext_to_gpt2
 
-PATCH_FUNCTIONS: dict[str, Callable[..., Any]] = {"gpt2": apply_gradext_to_gpt2}
+PATCH_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "gpt2": apply_gradext_to_gpt2,
+    "gpt2_gradext": apply_gradext_to_gpt2,  # already patched GPT-2 (hf_gradext.patches.gpt2_config)
+}
 
 
 def _model_type(model_or_type: nn.Module | str) -> str | None:

@@ -38,6 +38,8 @@ class GradExtSwiGLUMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)  # W1
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **factory)  # W2
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, **factory)  # W3
+        # Marks the projection onto the residual stream for GPT-2's depth-scaled init (patches.gpt2_models).
+        self.down_proj.gradext_residual_projection = True
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

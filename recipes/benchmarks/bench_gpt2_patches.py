@@ -30,7 +30,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import masking_utils as hf_masking
 
-from hf_gradext.patches import apply_gradext_to_gpt2, gpt2_config, mask_cache
+from hf_gradext.patches import apply_gradext_to_gpt2, gpt2_models, mask_cache
 from hf_gradext.patches.sync_count import HostSyncCounter
 
 MODELS = {
@@ -55,7 +55,7 @@ def _build(opts: argparse.Namespace, rms_norm: bool, swiglu: bool, attn: str) ->
     config._attn_implementation = attn
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).to(opts.device).train()
-    gpt2_config.set_class_defaults(False, False, None)
+    gpt2_models.uninstall_class_level_patches()
     return model
 
 

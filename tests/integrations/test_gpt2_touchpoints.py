@@ -74,3 +74,29 @@ def test_init_weights_gone(monkeypatch):
     with pytest.raises(guard.IntegrationError) as excinfo:
         gpt2.check_construction_touchpoints()
     _assert_drift(excinfo, "GPT2PreTrainedModel.post_init/_init_weights")
+
+
+def test_initialization_normal_without_std(monkeypatch):
+    from transformers import initialization
+
+    monkeypatch.setattr(initialization, "normal_", lambda tensor, mean=0.0: tensor)
+    with pytest.raises(guard.IntegrationError) as excinfo:
+        gpt2.check_construction_touchpoints()
+    _assert_drift(excinfo, "GPT2PreTrainedModel.post_init/_init_weights")
+    assert "initialization.normal_" in str(excinfo.value)
+
+
+def test_is_custom_code_gone(monkeypatch):
+    from transformers import modeling_utils
+
+    monkeypatch.delattr(modeling_utils.PreTrainedModel, "is_custom_code")
+    with pytest.raises(guard.IntegrationError, match="is_custom_code"):
+        gpt2.check_construction_touchpoints()
+
+
+def test_lm_head_layout_without_transformer():
+    from types import SimpleNamespace
+
+    with pytest.raises(guard.IntegrationError) as excinfo:
+        gpt2.check_lm_head_layout(SimpleNamespace(transformer=None, lm_head=None))
+    _assert_drift(excinfo, "GPT2LMHeadModel.__init__ layout")

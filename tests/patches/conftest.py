@@ -1,17 +1,16 @@
-"""Every patch test starts and ends with stock mask creation and no class-level patch defaults."""
+"""Every patch test starts and ends with stock mask creation and no class-level patches."""
 
 from __future__ import annotations
 
 import pytest
 
-from hf_gradext.patches import gpt2_config, mask_cache
+from hf_gradext.patches import gpt2_models, mask_cache
 
 
 @pytest.fixture(autouse=True)
 def _clean_patch_state():
-    """Every test starts and ends with stock mask creation and no class-level patch defaults."""
     mask_cache.uninstall_mask_cache()
-    gpt2_config.set_class_defaults(False, False, None)
+    gpt2_models.uninstall_class_level_patches()
     yield
     mask_cache.uninstall_mask_cache()
-    gpt2_config.set_class_defaults(False, False, None)
+    gpt2_models.uninstall_class_level_patches()

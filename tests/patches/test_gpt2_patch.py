@@ -12,10 +12,15 @@ import pytest
 import torch
 from _patch_tiny import SEQ, VOCAB, tiny_config, tiny_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from hf_gradext.errors import UserFacingError
-from hf_gradext.patches import apply_gradext_to_gpt2
+from hf_gradext.patches import (
+    GPT2GradExtConfig,
+    GradExtGPT2LMHeadModel,
+    GradExtGPT2Model,
+    apply_gradext_to_gpt2,
+)
 from hf_gradext.patches.rms_norm import GradExtRMSNorm
 from hf_gradext.patches.swiglu import GradExtSwiGLUMLP
 
@@ -31,6 +36,8 @@ def test_class_level_patch_builds_patched_models_and_records_config():
     apply_gradext_to_gpt2(rms_norm=True, swiglu=True)
     model = tiny_model()
     assert _kinds(model) == (GradExtRMSNorm, GradExtRMSNorm, GradExtRMSNorm, GradExtSwiGLUMLP)
+    assert type(model) is GradExtGPT2LMHeadModel and type(model.transformer) is GradExtGPT2Model
+    assert type(model.config) is GPT2GradExtConfig and model.config.model_type == "gpt2_gradext"
     assert model.config.gradext_rms_norm and model.config.gradext_swiglu
     assert model.config.gradext_swiglu_hidden_size == 128  # round(8 * 48 / 3)
     # GPT-2 init scheme: unit norm scales, residual-scaled down projection.
@@ -40,19 +47,62 @@ def test_class_level_patch_builds_patched_models_and_records_config():
     assert abs(down.std().item() - 0.02 / 2) < 0.002 and abs(up.std().item() - 0.02) < 0.002
 
 
-def test_stock_config_is_untouched_by_the_construction_hooks():
+def test_stock_config_builds_stock_gpt2():
     model = tiny_model()
+    assert type(model) is GPT2LMHeadModel and type(model.config) is GPT2Config
     assert _kinds(model)[2:] == (torch.nn.LayerNorm, type(model.transformer.h[0].mlp))
     assert not hasattr(model.config, "gradext_rms_norm")
     assert "gradext" not in json.dumps(model.config.to_diff_dict())
 
 
-def test_config_keys_alone_rebuild_the_architecture():
-    model = GPT2LMHeadModel(
-        tiny_config(gradext_rms_norm=True, gradext_swiglu=True, gradext_swiglu_hidden_size=40)
+def test_import_changes_no_transformers_class():
+    """`import hf_gradext` adds Auto-registry entries only: every transformers class is as it was."""
+    script = textwrap.dedent(
+        """
+        import transformers
+        from transformers import modeling_utils, PreTrainedConfig
+        from transformers.models.gpt2 import configuration_gpt2, modeling_gpt2
+
+        def snapshot():
+            classes = [modeling_utils.PreTrainedModel, PreTrainedConfig, configuration_gpt2.GPT2Config]
+            classes += [v for v in vars(modeling_gpt2).values() if isinstance(v, type)]
+            module_funcs = {k: id(v) for k, v in vars(modeling_gpt2).items()}
+            return {c.__qualname__: {k: id(v) for k, v in vars(c).items()} for c in classes}, module_funcs
+
+        before = snapshot()
+        import hf_gradext  # noqa: F401
+        after = snapshot()
+        assert before == after, "import hf_gradext changed a transformers class"
+        from transformers import AutoConfig
+        assert type(AutoConfig.for_model("gpt2_gradext")).__name__ == "GPT2GradExtConfig"
+        print("ok")
+        """
     )
-    assert isinstance(model.transformer.ln_f, GradExtRMSNorm)
-    assert model.transformer.h[0].mlp.gate_proj.out_features == 40
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_patched_config_alone_rebuilds_the_architecture():
+    config = GPT2GradExtConfig(
+        **tiny_config().to_dict()
+        | {"gradext_rms_norm": True, "gradext_swiglu": True, "gradext_swiglu_hidden_size": 40}
+    )
+    for model in (GradExtGPT2LMHeadModel(config), AutoModelForCausalLM.from_config(config)):
+        assert type(model) is GradExtGPT2LMHeadModel
+        assert isinstance(model.transformer.ln_f, GradExtRMSNorm)
+        assert model.transformer.h[0].mlp.gate_proj.out_features == 40
+        # Native GPT-2 init: residual-scaled attention and SwiGLU output projections, unit norm scales.
+        std = 0.02 / (2 * 2) ** 0.5
+        c_proj = torch.cat([b.attn.c_proj.weight.flatten() for b in model.transformer.h])
+        down = torch.cat([b.mlp.down_proj.weight.flatten() for b in model.transformer.h])
+        assert abs(c_proj.std().item() - std) < 0.002 and abs(down.std().item() - std) < 0.002
+        assert torch.equal(model.transformer.ln_f.weight, torch.ones(48))
+
+
+def test_stock_gpt2_class_with_gradext_keys_stays_stock():
+    """Without a hook nothing reads gradext keys from a stock config: the model type decides."""
+    model = GPT2LMHeadModel(tiny_config(gradext_rms_norm=True))
+    assert isinstance(model.transformer.ln_f, torch.nn.LayerNorm)
 
 
 def test_save_from_pretrained_round_trip_in_a_fresh_process(tmp_path):
@@ -66,11 +116,12 @@ def test_save_from_pretrained_round_trip_in_a_fresh_process(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert saved["gradext_rms_norm"] and saved["gradext_swiglu"] and saved["gradext_swiglu_hidden_size"] == 64
+    assert saved["model_type"] == "gpt2_gradext" and saved["architectures"] == ["GradExtGPT2LMHeadModel"]
     torch.save(IDS, tmp_path / "ids.pt")
     script = textwrap.dedent(
         f"""
         import torch
-        import hf_gradext  # registers the GPT-2 construction hooks
+        import hf_gradext  # registers model_type gpt2_gradext with the Auto classes
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}).eval()
@@ -87,6 +138,14 @@ def test_save_from_pretrained_round_trip_in_a_fresh_process(tmp_path):
         expected = model(input_ids=IDS).logits
     assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"], expected)
 
+    # Without hf_gradext no process can take it for stock GPT-2: transformers does not know the type.
+    bare = (
+        "from transformers import AutoModelForCausalLM; "
+        f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})"
+    )
+    done = subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "gpt2_gradext" in done.stderr, done.stderr[-3000:]
+
 
 def test_instance_level_patch_warns_with_new_and_dropped_weights(caplog):
     model = tiny_model()
@@ -98,6 +157,9 @@ def test_instance_level_patch_warns_with_new_and_dropped_weights(caplog):
     assert "transformer.h.*.ln_1.bias (x2)" in text and "transformer.h.*.mlp.c_fc.weight (x2)" in text
     assert torch.equal(model.transformer.h[0].ln_1.weight, gammas[0])  # LayerNorm gamma reused
     assert model.config.gradext_swiglu_hidden_size == 128
+    assert type(model) is GradExtGPT2LMHeadModel and model.config.model_type == "gpt2_gradext"
+    down = torch.cat([b.mlp.down_proj.weight.flatten() for b in model.transformer.h])
+    assert abs(down.std().item() - 0.01) < 0.002  # residual-scaled, as a freshly built patched model
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_gradext.patches.gpt2"):
         apply_gradext_to_gpt2(model=model, rms_norm=True, swiglu=True)  # already patched: no-op
@@ -124,6 +186,13 @@ def test_errors_name_the_problem():
         apply_gradext_to_gpt2(model=model, swiglu=True, swiglu_hidden_size=64)
     with pytest.raises(UserFacingError, match="'bert'"):
         apply_gradext_to_gpt2(model=_Bert())
+    from transformers import GPT2ForSequenceClassification
+
+    head = GPT2ForSequenceClassification(tiny_config(pad_token_id=0))
+    with pytest.raises(UserFacingError, match="not GPT2ForSequenceClassification"):
+        apply_gradext_to_gpt2(model=head, rms_norm=True)
+    assert apply_gradext_to_gpt2(model=head) is head  # the mask cache alone is fine on any head
+    assert type(head.config) is GPT2Config
 
 
 class _Bert(torch.nn.Module):
