@@ -84,6 +84,16 @@ class CollectionArguments:
         default=None,
         metadata={"help": "Where shards go (default: <output_dir>/gradients)."},
     )
+    # transformers 5 dropped this TrainingArguments flag; hf_gradext's row writers (gradient collection and
+    # --project_gradients) honour it under the one output-directory policy (hf_gradext/store/policy.py).
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Remove the rows an earlier run left in --gradient_collection_dir / --proj_output_dir "
+            "(logged) and start them over. Without it a fresh run refuses such a directory, and a run "
+            "resumed with --resume_from_checkpoint must match the settings and weights that wrote it."
+        },
+    )
     gradient_collection_method: str = field(
         default="engine",
         metadata={

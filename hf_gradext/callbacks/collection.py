@@ -8,6 +8,14 @@ Wiring (see ``docs/collection.md``):
 * ``separate`` mode: before each microbatch of a collected step (current batch), or after the step
   (``--gradient_collection_probe_file``), an own fp32 eval-mode pass that leaves ``param.grad`` alone.
 
+Directory (``--gradient_collection_dir``, policy of :mod:`hf_gradext.store.policy`): a fresh run refuses
+shards of another run (``--overwrite_output_dir`` removes them, logged); a run resumed from checkpoint
+``S`` must find the same collection settings and the weights fingerprint recorded when ``S`` was saved,
+then drops this rank's shards of steps after ``S`` (they are collected again).
+
+Logs: a collected step's statistics join HF's own log entry of that step, or get one of their own when HF
+does not log it (:mod:`hf_gradext.callbacks.training_logs`); HF's keys are never lost.
+
 Step ``s`` means the s-th optimizer step (``state.global_step`` after it); training/current-batch
 gradients are taken at the parameters *before* step ``s`` is applied, probe gradients *after* it.
 """
@@ -15,27 +23,38 @@ gradients are taken at the parameters *before* step ``s`` is applied, probe grad
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from hf_gradext.arguments.collection import resolve_collection_dir
+from hf_gradext.callbacks.training_logs import extend_training_logs, log_own_entry
 from hf_gradext.collection.chunking import MIB
 from hf_gradext.collection.collector import StepCollector
 from hf_gradext.collection.consumer import CaptureConsumer, example_ids_of
 from hf_gradext.collection.memory import PeakMemoryMeter
 from hf_gradext.collection.separate import probe_batch, read_probe_texts, run_separate
 from hf_gradext.collection.sink import PREFIX as SHARD_PREFIX
-from hf_gradext.collection.sink import GradientSink, prune_after_step, shard_step
+from hf_gradext.collection.sink import GradientSink, collection_output, prune_after_step, shard_step
 from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.capture import CaptureEngine
 from hf_gradext.grad.observer import TrainingCaptureObserver
 from hf_gradext.store import StoreWriteError, list_shards
+from hf_gradext.store.policy import (
+    OutputDirConflict,
+    RunFingerprint,
+    model_fingerprint,
+    prepare_output_dir,
+    record_model,
+    training_mode,
+)
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "grad_collection"
+WRITER = "gradient_collection"  # the writer named in the directory's run fingerprint
 
 
 class PerSampleGradientCallback(TrainerCallback):
@@ -56,6 +75,7 @@ class PerSampleGradientCallback(TrainerCallback):
         self.on_error = args.gradient_collection_on_error
         self.rank = int(getattr(args, "process_index", 0))
         self.directory = resolve_collection_dir(args)
+        self.output = collection_output(self.directory)
         self.use_loop = args.gradient_collection_method == "loop"
         model = trainer.model
         self.engine = build_collection_engine(args, model)
@@ -90,6 +110,8 @@ class PerSampleGradientCallback(TrainerCallback):
         self._step: int | None = None  # the optimizer step being collected
         self._microbatch = 0
         self._probe: dict[str, Any] | None = None
+        self._pending: tuple[int, dict[str, float]] | None = None  # (step, statistics) not yet logged
+        extend_training_logs(trainer, self._merge_pending)
 
     # ------------------------------------------------------------------ schedule
     def _is_collect_step(self, step: int) -> bool:
@@ -159,37 +181,97 @@ class PerSampleGradientCallback(TrainerCallback):
         if self.save == "stats" or self.sink is not None:
             return
         try:
-            # Steps after the checkpoint we resume from will be redone: drop what was collected for them.
-            prune_after_step(self.directory, self.rank, state.global_step)
-            self._warn_missing(state.global_step)
+            mode = training_mode(args, state)
+            prepare_output_dir(
+                self.output,
+                mode,
+                RunFingerprint(WRITER, self._settings(), model_fingerprint(self.trainer.model)),
+                step=state.global_step,
+                rank=self.rank,
+                world_size=int(getattr(args, "world_size", 1)),
+            )
+            if mode == "resume":
+                # Steps after the checkpoint we resume from will be redone: drop what was collected for them.
+                prune_after_step(self.directory, self.rank, state.global_step)
+                self._warn_missing(state.global_step)
             self.sink = GradientSink(
                 self.directory,
                 self.rank,
                 target_shard_bytes=min(256 * MIB, max(MIB, self.collector.budget_bytes)),
             )
+        except OutputDirConflict:
+            raise  # another run's rows: a choice for the user, not a write failure --..._on_error may hide
         except (UserFacingError, OSError) as exc:
             self._fail(exc)
         self.collector.sink = self.sink
+
+    def _settings(self) -> dict[str, Any]:
+        """Everything that determines the rows (a resumed run must match; see store/policy.py)."""
+        args = self.args
+        probe = args.gradient_collection_probe_file
+        return {
+            "layers": sorted(self.engine.modules),
+            "save": self.save,
+            "dtype": args.gradient_collection_dtype,
+            "mode": self.mode,
+            "steps": self.every,
+            "max_samples": self.max_samples,
+            "probe_file": os.path.abspath(probe) if probe else None,
+            "world_size": int(getattr(args, "world_size", 1)),
+        }
+
+    def _record_checkpoint(self, state: Any) -> None:
+        """A checkpoint of this step is being saved: record its weights, so resuming from it can be checked."""
+        if self.sink is not None and self.rank == 0:
+            record_model(self.output, state.global_step, model_fingerprint(self.trainer.model))
+
+    def on_save(self, args, state, control, **kwargs):
+        self._record_checkpoint(state)  # also for checkpoints decided after on_step_end (save_strategy=best)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if self.probe_texts is not None and self._begin_if_needed(step):
             self._guard(self._collect_probe)
+        self._deliver_stale(control, before_step=step)
         if self._step == step and self.enabled:
             metrics = self._guard(self.collector.end_step, PREFIX)
             self._step = None
             if metrics:
                 metrics[f"{PREFIX}/bytes_written_mb"] = (self.sink.bytes_written / MIB) if self.sink else 0.0
-                self.trainer.log(metrics)
+                metrics[f"{PREFIX}/step"] = step
+                if control.should_log:  # HF logs this step right after on_step_end: join its entry
+                    self._pending = (step, metrics)
+                else:
+                    log_own_entry(self.trainer, control, metrics)
         if control.should_save and self.sink is not None and self.enabled:
             # Everything up to this step must be on disk before the checkpoint claims it.
             self._guard(self.sink.flush)
+            self._record_checkpoint(state)
         return control
+
+    # ------------------------------------------------------------------ statistics into the logs
+    # HF logs a step right after on_step_end when control.should_log is set: the statistics then join that
+    # entry (through the trainer's log, see callbacks/training_logs.py), so loss, grad_norm, learning rate,
+    # throughput and gqc/* stay in it. A step HF does not log gets an entry of its own, at its own step.
+    # Statistics whose step HF was expected to log but did not (a later callback cleared should_log) are
+    # delivered at the next step end, or at train end: they are never dropped.
+    def _merge_pending(self) -> dict[str, float]:
+        if self._pending is None or self._pending[0] != self.trainer.state.global_step:
+            return {}
+        (_, metrics), self._pending = self._pending, None
+        return metrics
+
+    def _deliver_stale(self, control: Any, before_step: int | None = None) -> None:
+        """Log pending statistics as an entry of their own (those of steps before ``before_step`` only)."""
+        if self._pending is not None and (before_step is None or self._pending[0] < before_step):
+            (_, metrics), self._pending = self._pending, None
+            log_own_entry(self.trainer, control, metrics)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # save_strategy=epoch decides to save here, after the last on_step_end of the epoch.
         if control.should_save and self.sink is not None and self.enabled:
             self._guard(self.sink.flush)
+            self._record_checkpoint(state)
         return control
 
     def _warn_missing(self, step: int) -> None:
@@ -206,6 +288,7 @@ class PerSampleGradientCallback(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._deliver_stale(control)
         if self.sink is not None and self.enabled:
             self._guard(self.sink.close)
         self.engine.remove()

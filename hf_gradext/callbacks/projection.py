@@ -12,6 +12,11 @@ gradient feeds into: ``global_step + 1`` during the window, the same convention 
 from a checkpoint at step S first removes rows with ``step > S`` written by this rank (they are
 recomputed), so no step is duplicated or missing.
 
+Directory policy (:mod:`hf_gradext.store.policy`, the same for every writer): a fresh run refuses a
+directory holding another run's rows (``--overwrite_output_dir`` removes them, logged); a run resumed from
+checkpoint ``S`` must find the same projection settings and, recorded at that checkpoint's save, the
+fingerprint of the weights it loaded, or it is refused before the first step.
+
 On a GPU the rows of microbatch ``k`` are copied to (pinned) host memory asynchronously and handed to the
 writer while microbatch ``k + 1`` runs, so the training loop never waits for the GPU on their account.
 """
@@ -36,12 +41,26 @@ from hf_gradext.projection.io import (
     STATS_FILE,
     ProjectionShardWriter,
     list_shards,
+    projection_output,
     prune_rows_from_step,
+    row_settings,
     write_json_atomic,
 )
 from hf_gradext.projection.projector import projector_from_args
+from hf_gradext.store.policy import (
+    OVERWRITE_OUTPUT_DIR,
+    RESUME_FROM_CHECKPOINT,
+    RunFingerprint,
+    model_fingerprint,
+    prepare_output_dir,
+    record_model,
+    training_mode,
+)
 
 logger = logging.getLogger(__name__)
+
+WRITER = "training_projection"  # the writer named in the directory's run fingerprint
+PROJ_DIR_FLAG = "--proj_output_dir"
 
 
 @dataclass
@@ -68,6 +87,9 @@ class GradientProjectionCallback(TrainerCallback):
         args = trainer.args
         self.args = args
         self.directory = projection_dir(args)
+        self.output = projection_output(
+            self.directory, PROJ_DIR_FLAG, OVERWRITE_OUTPUT_DIR, RESUME_FROM_CHECKPOINT
+        )
         self.projector = projector_from_args(trainer.model, args)
         self.engine = self.projector.make_engine(weight_grads=True)
         self.observer = TrainingCaptureObserver(self.engine, on_done=self._on_done)
@@ -82,8 +104,20 @@ class GradientProjectionCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        if state.global_step > 0:  # resumed from a checkpoint: rows of re-run steps are rewritten
+        mode = training_mode(args, state)
+        settings = {
+            **row_settings(self.projector.metadata()),
+            "world_size": int(getattr(args, "world_size", 1)),
+        }
+        prepare_output_dir(
+            self.output,
+            mode,
+            RunFingerprint(WRITER, settings, model_fingerprint(self.trainer.model)),
+            step=state.global_step,
+            rank=self.rank,
+            world_size=int(getattr(args, "world_size", 1)),
+        )
+        if mode == "resume":  # resumed from a checkpoint: rows of re-run steps are rewritten
             removed = prune_rows_from_step(self.directory, self.rank, state.global_step + 1)
             if removed:
                 logger.info(
@@ -152,12 +186,23 @@ class GradientProjectionCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if control.should_save:
             self._persist()
+            self._record_checkpoint(state)
         return control
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if control.should_save:  # save_strategy=epoch decides here, after the epoch's last step
             self._persist()
+            self._record_checkpoint(state)
         return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._record_checkpoint(state)  # also for checkpoints decided after on_step_end (save_strategy=best)
+        return control
+
+    def _record_checkpoint(self, state: Any) -> None:
+        """A checkpoint of this step is being saved: record its weights, so resuming from it can be checked."""
+        if self.writer is not None and self.rank == 0:
+            record_model(self.output, state.global_step, model_fingerprint(self.trainer.model))
 
     def _persist(self) -> None:
         """Every row of the steps a checkpoint is about to claim goes to disk first.

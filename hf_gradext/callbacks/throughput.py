@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_gradext.callbacks.training_logs import extend_training_logs
+
 # Keys this callback adds to training logs.
 TOKENS_PER_SECOND = "tokens_per_second"
 STEP_TIME = "step_time_s"
@@ -56,14 +58,8 @@ class ThroughputCallback(TrainerCallback):
         """Count tokens through the trainer's microbatch observers and extend its ``log``."""
         if hasattr(trainer, "add_microbatch_observer"):
             trainer.add_microbatch_observer(self)
-        original_log = trainer.log
-
-        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "loss" in logs:  # training logs only, not eval or the final summary
-                logs.update(self.collect(trainer.state.global_step, trainer.args.device))
-            return original_log(logs, *args, **kwargs)
-
-        trainer.log = log
+        # Training entries only (not eval or the final summary); see training_logs for why not on_log.
+        extend_training_logs(trainer, lambda: self.collect(trainer.state.global_step, trainer.args.device))
 
     # ---------------------------------------------------------------- microbatch observer
     def before_microbatch(self, trainer: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> None:

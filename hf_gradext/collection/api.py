@@ -12,9 +12,18 @@ from hf_gradext.collection.collector import StepCollector
 from hf_gradext.collection.consumer import CaptureConsumer, example_ids_of
 from hf_gradext.collection.memory import PeakMemoryMeter
 from hf_gradext.collection.separate import run_separate
-from hf_gradext.collection.sink import GradientSink
+from hf_gradext.collection.sink import GradientSink, collection_output
 from hf_gradext.grad.capture import CaptureEngine
 from hf_gradext.grad.selection import select_modules
+from hf_gradext.store.policy import (
+    RunFingerprint,
+    choose_mode,
+    model_fingerprint,
+    prepare_output_dir,
+    refuse_fresh_into_rows,
+)
+
+WRITER = "batch_collector"  # the writer named in the directory's run fingerprint
 
 
 class BatchCollector:
@@ -30,6 +39,9 @@ class BatchCollector:
         memory_budget_mb: extra memory allowed for materialized gradients.
         chunk_size: samples materialized at once (0 = from the budget).
         rank: written into index rows and shard names.
+        overwrite: remove the shards an earlier run left in ``directory`` (logged) and start over.
+        resume: add to the shards an earlier collector of the same model weights and settings wrote.
+            Without either, a directory holding shards is refused (see :mod:`hf_gradext.store.policy`).
     """
 
     def __init__(
@@ -43,15 +55,27 @@ class BatchCollector:
         memory_budget_mb: float = 1024.0,
         chunk_size: int = 0,
         rank: int = 0,
+        overwrite: bool = False,
+        resume: bool = False,
     ) -> None:
         self.model = model
+        writes = save != "stats" and directory is not None
+        if writes:  # a directory holding another run's shards fails before any hook is installed
+            out = collection_output(directory, "directory", "overwrite=True", "resume=True")
+            mode = choose_mode(overwrite, resume, "overwrite=True", "resume=True")
+            refuse_fresh_into_rows(out, mode)
         if method == "engine":
             self.engine: CaptureEngine | None = CaptureEngine(model, layers, keep=False, weight_grads=False)
             modules, specs = self.engine.modules, self.engine.specs
         else:
             self.engine = None
             modules, specs = select_modules(model, layers), {}
-        self.sink = GradientSink(directory, rank) if save != "stats" and directory is not None else None
+        if writes:
+            settings = {"layers": sorted(modules), "save": save, "dtype": dtype}
+            prepare_output_dir(
+                out, mode, RunFingerprint(WRITER, settings, model_fingerprint(model)), rank=rank
+            )
+        self.sink = GradientSink(directory, rank) if writes else None
         device = next(model.parameters()).device
         self.collector = StepCollector(
             save,

@@ -24,11 +24,25 @@ from typing import Any
 from torch import Tensor
 
 from hf_gradext.store import ShardWriter, list_shards, read_shard_header
+from hf_gradext.store.policy import OVERWRITE_OUTPUT_DIR, RESUME_FROM_CHECKPOINT, OutputDir
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "grads"
 FLAG = "--gradient_collection_dir"
+
+
+def collection_output(
+    directory: str | os.PathLike,
+    flag: str = FLAG,
+    overwrite_flag: str = OVERWRITE_OUTPUT_DIR,
+    resume_flag: str = RESUME_FROM_CHECKPOINT,
+) -> OutputDir:
+    """The gradient-collection directory under the output-directory policy (:mod:`hf_gradext.store.policy`).
+
+    Only ``grads-*`` shards are its rows; it has no side files (``analysis/`` output is left alone).
+    """
+    return OutputDir(Path(os.path.expanduser(directory)), PREFIX, flag, overwrite_flag, resume_flag)
 
 
 class GradientSink:

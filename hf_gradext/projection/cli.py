@@ -94,6 +94,21 @@ class FullGradsArguments:
         default=2_000_000_000,
         metadata={"help": "Refuse when max_samples x parameters exceeds this (disk guard)."},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Remove the gradient shards and metadata an earlier run left in --output_dir (logged) and "
+            "start over."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the run that wrote --output_dir: skip the examples already there. Refused unless "
+            "the model weights and the settings (stored parameters, dtype, data) are that run's. Without "
+            "--resume or --overwrite a directory holding gradient shards is refused."
+        },
+    )
 
 
 def full_grads_main(argv: list[str] | None = None) -> int:
@@ -110,10 +125,13 @@ def full_grads_main(argv: list[str] | None = None) -> int:
             )
         if fargs.layers == "projected" and not fargs.proj_metadata:
             raise UserFacingError("--layers projected needs --proj_metadata DIR/metadata.json")
+        if fargs.overwrite and fargs.resume:
+            raise UserFacingError("--overwrite and --resume exclude each other; pass one of them")
         check_device(fargs.device)
         out = run_full_grads(margs, fargs)
         print(
-            f"wrote exact gradients of {out['examples']} examples ({out['total_param_dim']} values each) to {fargs.output_dir}"
+            f"wrote exact gradients of {out['written']} examples ({out['skipped_already_done']} already done, "
+            f"{out['total_param_dim']} values each) to {fargs.output_dir}"
         )
 
     return _guard(run)

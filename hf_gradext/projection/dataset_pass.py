@@ -3,9 +3,14 @@
 Distribution: under ``accelerate launch`` every rank loads the same model (same seed for a from-scratch
 model) and takes every ``world_size``-th of the examples still to do; each writes its own shards
 (``proj-rankNNN-*``), and :func:`hf_gradext.projection.load_projections` merges them into one index
-ordered by example id. Resume: example ids already in complete shards (of any rank) are skipped, so a
-killed run, restarted with the same command, neither duplicates nor misses an example, even with a
-different number of processes.
+ordered by example id. Resume (``--resume``): example ids already in complete shards (of any rank) are
+skipped, so a killed run, restarted with the same command plus ``--resume``, neither duplicates nor misses
+an example, even with a different number of processes.
+
+Output directory (the policy of :mod:`hf_gradext.store.policy`): a directory holding rows is refused
+unless ``--resume`` (then the model's weights fingerprint and every row setting -- projection metadata,
+storage dtype, data and split -- must be those of the run that wrote it) or ``--overwrite`` (its rows and
+metadata are removed, logged). A fresh run is refused before the model is loaded.
 """
 
 from __future__ import annotations
@@ -25,26 +30,40 @@ from hf_gradext.errors import UserFacingError
 from hf_gradext.projection.io import (
     DTYPES,
     METADATA_FILE,
-    PREFIX,
     RUN_CONFIG_FILE,
     STATS_FILE,
     ProjectionShardWriter,
     completed_example_ids,
-    list_shards,
+    projection_output,
+    row_settings,
     write_json_atomic,
 )
 from hf_gradext.projection.projector import KroneckerProjector, projector_from_args
+from hf_gradext.store.policy import (
+    RunFingerprint,
+    choose_mode,
+    model_fingerprint,
+    prepare_output_dir,
+    refuse_fresh_into_rows,
+)
 
 logger = logging.getLogger(__name__)
 # Test hook: hard-exit (as a kill would) after this many batches, to test resuming.
 KILL_ENV = "HF_GRADEXT_TEST_KILL_AFTER_BATCHES"
-_COMPARED_KEYS = (
-    "proj_rank_total",
-    "proj_rank_min",
-    "proj_seed",
-    "proj_method",
-    "include_embeddings",
-    "layers",
+WRITER = "project"  # the writer named in the directory's run fingerprint
+FLAGS = ("--output_dir", "--overwrite", "--resume")  # the directory, overwrite and resume flags
+# Model/data flags that decide which text an example id names (the model itself is fingerprinted).
+DATA_SETTINGS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_file",
+    "validation_file",
+    "text_column",
+    "validation_split_percentage",
+    "block_size",
+    "keep_linebreaks",
+    "tokenizer_name",
+    "tokenizer_vocab_size",
 )
 
 
@@ -67,7 +86,18 @@ class ProjectRunArguments:
     )
     snippet_chars: int = field(default=80, metadata={"help": "Characters of decoded text kept per example."})
     overwrite: bool = field(
-        default=False, metadata={"help": "Delete earlier shards in --output_dir instead of resuming."}
+        default=False,
+        metadata={
+            "help": "Remove the rows and metadata an earlier run left in --output_dir (logged) and start over."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the run that wrote --output_dir (e.g. after a kill): skip the examples already "
+            "there. Refused unless the model weights and the row settings (projection, data) are that run's. "
+            "Without --resume or --overwrite a directory holding rows is refused."
+        },
     )
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
 
@@ -77,22 +107,16 @@ class ProjectRunArguments:
         if self.max_samples is not None and self.max_samples < 1:
             raise UserFacingError(f"--max_samples={self.max_samples} must be >= 1 (or unset for all)")
         check_device(self.device, allow_auto=True)
+        self.mode()
+
+    def mode(self) -> str:
+        """``fresh``, ``overwrite`` or ``resume`` (the output-directory policy, hf_gradext/store/policy.py)."""
+        return choose_mode(self.overwrite, self.resume, FLAGS[1], FLAGS[2])
 
 
-def _check_compatible(directory: Path, meta: dict[str, Any], overwrite: bool) -> None:
-    path = directory / METADATA_FILE
-    if overwrite:
-        for info in list_shards(directory, PREFIX):
-            info.path.unlink()
-        return
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    if any(old.get(k) != meta.get(k) for k in _COMPARED_KEYS):
-        raise UserFacingError(
-            f"--output_dir={directory} holds projections made with other settings; pass --overwrite or "
-            "choose another --output_dir"
-        )
+def data_settings(margs: Any, split: str) -> dict[str, Any]:
+    """The model/data flags that decide which block of text each example id is (part of the row settings)."""
+    return {**{k: getattr(margs, k, None) for k in DATA_SETTINGS}, "split": split}
 
 
 def load_model_for_pass(margs: Any, rargs: Any, block_size: int | None) -> tuple[Any, Any]:
@@ -142,10 +166,11 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
     rank, world = state.process_index, state.num_processes
     device = torch.device(state.device if rargs.device == "auto" else rargs.device)
     directory = Path(rargs.output_dir)
+    out = projection_output(directory, *FLAGS)
+    mode = rargs.mode()
+    refuse_fresh_into_rows(out, mode)  # before any model or data is loaded (read-only: every rank agrees)
     if state.is_main_process:
-        ensure_writable_dir(directory, "--output_dir")
-        for stale in directory.glob(".stats-rank*.json"):  # from an earlier run, maybe another world size
-            stale.unlink()
+        ensure_writable_dir(directory, FLAGS[0])
     state.wait_for_everyone()
     with state.main_process_first():
         tokenizer, model = load_model_for_pass(margs, rargs, getattr(margs, "block_size", None))
@@ -154,8 +179,11 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
     with state.main_process_first():
         data = load_data_for_pass(margs, rargs, tokenizer)
     meta = projector.metadata()
-    if state.is_main_process:
-        _check_compatible(directory, meta, rargs.overwrite)
+    if state.is_main_process:  # the others wait: nothing is read or written before the directory is settled
+        settings = {**row_settings(meta), "data": data_settings(margs, rargs.split)}
+        prepare_output_dir(out, mode, RunFingerprint(WRITER, settings, model_fingerprint(model)))
+        for stale in directory.glob(".stats-rank*.json"):  # from an earlier run, maybe another world size
+            stale.unlink()
     state.wait_for_everyone()
     done = completed_example_ids(directory)  # every rank reads before any rank writes
     state.wait_for_everyone()

@@ -4,6 +4,12 @@ Output directory: ``fullgrad_meta.json`` (``param_slices``: per parameter name i
 and ``shape`` inside the flattened vector; ``total_param_dim``; layers; dtype) and shards
 ``fullgrad-rank000-*.safetensors`` with tensor ``grad`` (n, total_param_dim) and index rows
 ``example_id``. Tied weights appear once (``transformer.wte.weight`` = embedding + ``lm_head``).
+
+Output directory (the policy of :mod:`hf_gradext.store.policy`): a directory holding gradient shards is
+refused, before the model is loaded, unless ``--overwrite`` (its shards and ``fullgrad_meta.json`` are
+removed, logged) or ``--resume`` (examples already stored are skipped; refused unless the model's weights
+fingerprint and the row settings -- stored parameters, dtype, data, split -- are those of the run that
+wrote it).
 """
 
 from __future__ import annotations
@@ -16,21 +22,41 @@ import torch
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.projection.io import write_json_atomic
+from hf_gradext.store.policy import (
+    OutputDir,
+    RunFingerprint,
+    choose_mode,
+    model_fingerprint,
+    prepare_output_dir,
+    refuse_fresh_into_rows,
+)
 
 PREFIX = "fullgrad"
 META_FILE = "fullgrad_meta.json"
+WRITER = "full_grads"  # the writer named in the directory's run fingerprint
+FLAGS = ("--output_dir", "--overwrite", "--resume")  # the directory, overwrite and resume flags
+
+
+def full_grads_output(directory: str | Path) -> OutputDir:
+    """A ``full-grads`` directory under the output-directory policy."""
+    return OutputDir(Path(directory), PREFIX, *FLAGS, side_files=(META_FILE,))
 
 
 def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
     from hf_gradext.grad import per_sample_gradients
     from hf_gradext.projection.dataset_pass import (
         ProjectRunArguments,
+        data_settings,
         load_data_for_pass,
         load_model_for_pass,
     )
+    from hf_gradext.projection.io import completed_example_ids
     from hf_gradext.projection.projector import KroneckerProjector
     from hf_gradext.store import ShardWriter
 
+    out = full_grads_output(fargs.output_dir)
+    mode = choose_mode(fargs.overwrite, fargs.resume, FLAGS[1], FLAGS[2])
+    refuse_fresh_into_rows(out, mode)  # before the model is loaded
     rargs = ProjectRunArguments(max_samples=fargs.max_samples, split=fargs.split, seed=fargs.seed)
     tokenizer, model = load_model_for_pass(margs, rargs, getattr(margs, "block_size", None))
     model.to(fargs.device).eval()
@@ -39,13 +65,22 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
         projector = KroneckerProjector.from_metadata(fargs.proj_metadata, model)
         layers, keep = projector.capture_layers(), [b.weight_name for b in projector.blocks]
     data = load_data_for_pass(margs, rargs, tokenizer)
+    settings = {
+        "layers": layers,
+        "stored_parameters": keep,
+        "grad_dtype": fargs.grad_dtype,
+        "data": data_settings(margs, fargs.split),
+    }
+    prepare_output_dir(out, mode, RunFingerprint(WRITER, settings, model_fingerprint(model)))
+    done = completed_example_ids(out.path, PREFIX) if mode == "resume" else set()
+    todo = [pos for pos, e in enumerate(data["example_id"]) if int(e) not in done]
     dtype = getattr(torch, fargs.grad_dtype)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    writer = ShardWriter(fargs.output_dir, prefix=PREFIX, flag="--output_dir")
+    writer = ShardWriter(fargs.output_dir, prefix=PREFIX, flag=FLAGS[0])
     slices: dict[str, dict[str, Any]] | None = None
     total = 0
-    for first in range(0, len(data), fargs.batch_size):
-        chunk = data[first : first + fargs.batch_size]
+    for first in range(0, len(todo), fargs.batch_size):
+        chunk = data[todo[first : first + fargs.batch_size]]
         batch = {
             k: torch.as_tensor(chunk[k]).to(fargs.device)
             for k in ("input_ids", "attention_mask", "labels")
@@ -80,7 +115,14 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
         flat = torch.cat([_dense(grads[n]).reshape(batch["input_ids"].shape[0], -1) for n in order], dim=1)
         writer.write({"grad": flat.to(dtype)}, [{"example_id": int(e)} for e in chunk["example_id"]])
     writer.close()
-    return {"examples": len(data), "total_param_dim": total}
+    if slices is None and (out.path / META_FILE).is_file():  # a resumed run with nothing left to do
+        total = int(json.loads((out.path / META_FILE).read_text())["total_param_dim"])
+    return {
+        "examples": len(data),
+        "written": len(todo),
+        "skipped_already_done": len(data) - len(todo),
+        "total_param_dim": total,
+    }
 
 
 def _dense(grad: Any) -> torch.Tensor:

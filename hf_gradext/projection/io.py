@@ -5,6 +5,7 @@ Layout of a projection directory::
     metadata.json            enough to rebuild every matrix (see KroneckerProjector.metadata())
     run_config.json          the arguments of the run
     projection_stats.json    loss, timing, tokens
+    run_fingerprint.json     writer, row settings, model weights fingerprints (hf_gradext.store.policy)
     proj-rank000-000000.safetensors ...   shards: tensor "proj" (rows, D) + index rows in the header
 
 Shards go through :class:`hf_gradext.store.ShardWriter` (atomic, background thread). Every index row
@@ -36,13 +37,27 @@ import numpy as np
 import torch
 
 from hf_gradext.errors import UserFacingError
-from hf_gradext.store import ShardWriter, list_shards, read_shard_header
+
+# write_json_atomic lives in the store now; re-exported because callers import it from here.
+from hf_gradext.store import ShardWriter, list_shards, read_shard_header, write_json_atomic  # noqa: F401
+from hf_gradext.store.policy import OutputDir
 
 PREFIX = "proj"
 TENSOR_KEY = "proj"
 METADATA_FILE = "metadata.json"
 RUN_CONFIG_FILE = "run_config.json"
 STATS_FILE = "projection_stats.json"
+
+# Files that describe the rows of a projection directory: removed with them (store/policy.py).
+SIDE_FILES = (
+    METADATA_FILE,
+    RUN_CONFIG_FILE,
+    "projection_stats*.json",
+    ".stats-rank*.json",
+    ".cache/rows-*.bin",
+)
+# Keys of metadata.json that do not determine the rows (left out of the run fingerprint's settings).
+_NOT_ROW_SETTINGS = ("package_version",)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # safetensors dtype tag -> (numpy dtype to map the bytes, torch dtype to view them as)
@@ -52,14 +67,6 @@ _ST_DTYPES = {
     "F32": (np.float32, torch.float32),
     "F64": (np.float64, torch.float64),
 }
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary name and rename it, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
-    os.replace(tmp, path)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -121,10 +128,22 @@ class ProjectionShardWriter:
         self.writer.close()
 
 
-def completed_example_ids(directory: str | os.PathLike) -> set[int]:
-    """Example ids present in complete shards (what a resumed run must skip)."""
+def projection_output(
+    directory: str | os.PathLike, flag: str, overwrite_flag: str, resume_flag: str
+) -> OutputDir:
+    """A projection directory under the output-directory policy (:mod:`hf_gradext.store.policy`)."""
+    return OutputDir(Path(directory), PREFIX, flag, overwrite_flag, resume_flag, SIDE_FILES)
+
+
+def row_settings(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The projector's ``metadata.json`` minus what does not change the rows (the package version)."""
+    return {k: v for k, v in metadata.items() if k not in _NOT_ROW_SETTINGS}
+
+
+def completed_example_ids(directory: str | os.PathLike, prefix: str = PREFIX) -> set[int]:
+    """Example ids present in complete shards of ``prefix`` (what a resumed run must skip)."""
     ids: set[int] = set()
-    for info in list_shards(directory, PREFIX):
+    for info in list_shards(directory, prefix):
         rows, _ = read_shard_header(info.path)
         ids.update(int(r["example_id"]) for r in rows)
     return ids

@@ -1,4 +1,5 @@
-"""Data at rest: sharded safetensors with the index inside each shard, written atomically and async."""
+"""Data at rest: sharded safetensors with the index inside each shard, written atomically and async;
+one output-directory policy for every writer (:mod:`hf_gradext.store.policy`)."""
 
 from hf_gradext.store.shards import (
     ShardInfo,
@@ -9,6 +10,7 @@ from hf_gradext.store.shards import (
     list_shards,
     read_shard,
     read_shard_header,
+    write_json_atomic,
     write_shard_atomic,
 )
 
@@ -21,5 +23,6 @@ __all__ = [
     "list_shards",
     "read_shard",
     "read_shard_header",
+    "write_json_atomic",
     "write_shard_atomic",
 ]

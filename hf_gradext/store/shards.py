@@ -131,6 +131,21 @@ def write_shard_atomic(
     _fsync_dir(path.parent)
 
 
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary name, fsync, and rename it into place: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(obj, indent=1, sort_keys=False, default=str))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def ensure_writable_dir(directory: str | os.PathLike, flag: str) -> Path:
     """Create ``directory`` and prove it is writable, or raise a one-line error naming ``flag``."""
     directory = Path(directory)

@@ -114,3 +114,29 @@ def test_collection_leaves_param_grads_untouched(tmp_path):
     _collect(model, batch, tmp_path, save="stats")
     assert all(p.grad is None for p in model.parameters())
     assert model.training
+
+
+# ------------------------------------------------------------------ output-directory policy (issue #11, item 5)
+def test_directory_policy_refuse_overwrite_resume(tmp_path, caplog):
+    import logging
+
+    from hf_gradext.store import iter_index
+    from hf_gradext.store.policy import OutputDirConflict
+
+    model, batch = tiny_gpt2(), ragged_batch()
+    _collect(model, batch, tmp_path, save="norms")  # step 7
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OutputDirConflict, match=r"directory=.*overwrite=True.*resume=True"):
+        BatchCollector(model, tmp_path, save="norms")
+    with pytest.raises(OutputDirConflict, match="other settings"):
+        BatchCollector(model, tmp_path, save="norms", layers="attn", resume=True)
+    with pytest.raises(OutputDirConflict, match="another model"):
+        BatchCollector(tiny_gpt2(seed=1), tmp_path, save="norms", resume=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with BatchCollector(model, tmp_path, save="norms", resume=True) as collector:  # same model and settings
+        collector.collect(batch, step=8)
+    assert sorted({r["step"] for r in iter_index(tmp_path)}) == [7, 8]
+    other = tiny_gpt2(seed=1)
+    with caplog.at_level(logging.WARNING), BatchCollector(other, tmp_path, save="norms", overwrite=True) as c:
+        c.collect(batch, step=1)
+    assert sorted({r["step"] for r in iter_index(tmp_path)}) == [1] and "removed 2 file(s)" in caplog.text

@@ -58,11 +58,12 @@ def test_project_writes_rows_metadata_stats_and_snippets(reference_run):
     assert all(r["snippet"] for r in index)
 
 
-def test_rerun_skips_done_examples_and_rejects_other_settings(reference_run, capsys):
-    assert _project(reference_run, "--max_samples", "12", "--batch_size", "4") == 0
+def test_resume_skips_done_examples_and_rejects_other_settings(reference_run, capsys):
+    assert _project(reference_run, "--max_samples", "12", "--batch_size", "4", "--resume") == 0
     assert json.loads((reference_run / "projection_stats.json").read_text())["skipped_already_done"] == 12
-    assert _project(reference_run, "--max_samples", "12", "--proj_seed", "7") == 2
-    assert "other settings" in capsys.readouterr().err
+    assert _project(reference_run, "--max_samples", "12", "--proj_seed", "7", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "proj_seed: 42 -> 7" in err
 
 
 def test_different_batch_size_gives_same_rows(reference_run, tmp_path):
@@ -79,7 +80,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(reference_run, tmp_path):
     assert killed.returncode == 137, killed.stderr[-2000:]
     _, partial_ids, _ = load_projections(tmp_path)
     assert partial_ids == list(range(6))
-    resumed = _subprocess_project(tmp_path, *args)
+    resumed = _subprocess_project(tmp_path, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows, ids, _ = load_projections(tmp_path)
     assert ids == list(range(12))  # no duplicate, no gap
@@ -227,3 +228,92 @@ def test_bad_layers_fail_before_the_datasets(tmp_path, monkeypatch, capsys):
     ]
     assert project_main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --proj_layers=zzz: ")
+
+
+# ------------------------------------------------------------------ output-directory policy (issue #11, item 5)
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_project_into_rows_of_an_earlier_run_refuses_before_loading_the_model(
+    reference_run, monkeypatch, capsys
+):
+    import hf_gradext.projection.dataset_pass as dataset_pass
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model was loaded before the directory was checked")
+
+    monkeypatch.setattr(dataset_pass, "load_model_for_pass", too_late)
+    before = _files(reference_run)
+    assert _project(reference_run, "--max_samples", "12") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds" in err[0] and "--overwrite" in err[0] and "--resume" in err[0]
+    assert _files(reference_run) == before
+
+
+def test_project_overwrite_replaces_the_rows_of_another_model(reference_run, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "p"
+    assert _project(out, "--max_samples", "6", "--seed", "4") == 0  # another from-scratch model
+    with caplog.at_level(logging.WARNING):
+        assert _project(out, "--max_samples", "12", "--batch_size", "4", "--overwrite") == 0
+    assert "--overwrite" in caplog.text and "removed" in caplog.text
+    rows, ids, _ = load_projections(out)
+    ref, ref_ids, _ = load_projections(reference_run)
+    assert ids == ref_ids
+    torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-6)  # nothing of the other model is left
+
+
+def test_project_resume_with_another_model_or_data_refuses(reference_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert _project(out, "--max_samples", "4") == 0
+    before = _files(out)
+    assert _project(out, "--max_samples", "8", "--seed", "4", "--resume") == 2
+    assert "another model" in capsys.readouterr().err
+    assert _project(out, "--max_samples", "8", "--split", "validation", "--resume") == 2
+    assert "other settings (data" in capsys.readouterr().err
+    assert _files(out) == before
+    assert _project(out, "--max_samples", "8", "--resume") == 0  # the same model and settings: continues
+    _, ids, _ = load_projections(out)
+    assert ids == list(range(8))
+
+
+def test_project_overwrite_and_resume_together_is_an_error(tmp_path, capsys):
+    assert _project(tmp_path, "--overwrite", "--resume") == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def _full_grads(out, *extra):
+    return full_grads_main([*MODEL, "--output_dir", str(out), "--batch_size", "2", *extra])
+
+
+def test_full_grads_refuses_overwrites_and_resumes(tmp_path, capsys, caplog):
+    import logging
+
+    out, ref = tmp_path / "fg", tmp_path / "ref"
+    assert _full_grads(ref, "--max_samples", "4", "--layers", "mlp") == 0
+    assert _full_grads(out, "--max_samples", "2", "--layers", "mlp") == 0
+    before = _files(out)
+    # fresh into rows: refused, nothing touched
+    assert _full_grads(out, "--max_samples", "4", "--layers", "mlp") == 2
+    assert "already holds" in capsys.readouterr().err and _files(out) == before
+    # resume with other settings / another model: refused, nothing touched
+    assert _full_grads(out, "--max_samples", "4", "--layers", "attn", "--resume") == 2
+    assert "other settings" in capsys.readouterr().err
+    assert _full_grads(out, "--max_samples", "4", "--layers", "mlp", "--seed", "4", "--resume") == 2
+    assert "another model" in capsys.readouterr().err
+    assert _files(out) == before
+    # resume of the same run: only the missing examples are computed
+    assert _full_grads(out, "--max_samples", "4", "--layers", "mlp", "--resume") == 0
+    assert "2 already done" in capsys.readouterr().out
+    grads, ids, _ = load_full_grads(out)
+    ref_grads, ref_ids, _ = load_full_grads(ref)
+    assert ids == ref_ids == [0, 1, 2, 3]
+    torch.testing.assert_close(grads, ref_grads)
+    # overwrite: another model's gradients replace these entirely
+    with caplog.at_level(logging.WARNING):
+        assert _full_grads(out, "--max_samples", "2", "--layers", "mlp", "--seed", "4", "--overwrite") == 0
+    assert "removed" in caplog.text
+    grads, ids, _ = load_full_grads(out)
+    assert ids == [0, 1] and not torch.allclose(grads, ref_grads[:2])

@@ -104,6 +104,21 @@ def test_write_json_atomic_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+def test_write_json_atomic_failure_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    import os
+
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        write_json_atomic(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
 def test_writer_rejects_mismatched_index(tmp_path):
     writer = ProjectionShardWriter(tmp_path)
     with pytest.raises(ValueError):
