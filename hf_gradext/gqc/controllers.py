@@ -16,6 +16,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from hf_gradext.errors import UserFacingError
+from hf_gradext.gqc.noise import NoiseEstimate, SampleNormStats, estimate_noise, sample_norm_stats
+
 
 @dataclass
 class Observation:
@@ -28,6 +33,11 @@ class Observation:
         samples: samples in the window so far (summed over ranks).
         microbatch_norms: norm of this microbatch's own mean gradient, one per rank (gns).
         metrics: this microbatch's mean loss, one per rank (mht).
+        sample_stats: this microbatch's per-sample squared-norm statistics summed over ranks (gns_sample;
+            what a DDP loop passes after its reduction).
+        sample_sq_norms: (B,) this microbatch's per-sample squared gradient norms (gns_sample, one
+            process; used when ``sample_stats`` is None).
+        sample_weights: (B,) raw weights of those samples in the window's mean gradient (None: equal).
     """
 
     k: int
@@ -36,14 +46,19 @@ class Observation:
     samples: int = 0
     microbatch_norms: list[float] = field(default_factory=list)
     metrics: list[float] = field(default_factory=list)
+    sample_stats: SampleNormStats | None = None
+    sample_sq_norms: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
 
 
 class Controller(ABC):
     """Base class: ``decide`` per microbatch, ``end_window`` after the window steps or is skipped."""
 
     name: str = ""
+    threshold_name: str = "threshold"  # torch-gqc's name of the scheduled value (statistics() key)
     needs_microbatch_norms: bool = False
     needs_metrics: bool = False
+    needs_sample_norms: bool = False
 
     @abstractmethod
     def decide(self, obs: Observation) -> bool:
@@ -71,6 +86,7 @@ class GNTS(Controller):
     """
 
     name = "gnts"
+    threshold_name = "gradient_norm_threshold"
 
     def __init__(self, mode: str = "absolute", ema: float = 0.1) -> None:
         if mode not in ("absolute", "relative"):
@@ -101,31 +117,36 @@ class SBC(Controller):
     """Scheduled Batch Controller: step once the window holds >= ``threshold`` samples."""
 
     name = "sbc"
+    threshold_name = "logical_batch_size"
 
     def decide(self, obs: Observation) -> bool:
         return obs.samples >= obs.threshold
 
 
 class GNS(Controller):
-    """Gradient-noise-scale controller (torch-gqc's ``OptimizerWrapperGNS`` statistic).
+    """Gradient-noise-scale controller (torch-gqc's ``OptimizerWrapperGNS`` statistic and decisions).
 
-    ``noise = var(n) / (mean(n^2) + 1e-8)`` over the per-microbatch gradient norms ``n`` of the
-    window (all ranks); step iff ``noise <= k * tolerance``. Defect fixed: the reference computes a
-    variance of a single value on the first draw (NaN, silently "never step"); here a window with
-    fewer than two norms uses the previous window's statistic, and the very first window of a run
-    waits for a second draw.
+    ``noise = var(n) / (mean(n^2) + 1e-8)`` over the per-microbatch gradient norms ``n`` of the window
+    (all ranks); step iff ``noise <= k * tolerance``. The statistic exists only from two norms on: one
+    process never steps on a window's first draw (torch-gqc: the variance of one value is NaN, and NaN
+    never passes), so windows hold >= 2 microbatches unless the cap is 1. An earlier version reused the
+    previous window's statistic there; a window then stepped on its first draw, never measured the noise
+    again and stepped every microbatch for the rest of the run. To decide on a first draw use
+    :class:`GNSSample` (per-sample norms).
     """
 
     name = "gns"
+    threshold_name = "noise_tolerance"
     needs_microbatch_norms = True
 
     def __init__(self) -> None:
         self.history: list[float] = []
-        self.last_noise: float | None = None
+        self.last_noise: float | None = None  # the last statistic computed (for logs), never reused
 
     def noise(self) -> float | None:
+        """The window's statistic, ``None`` with fewer than two norms."""
         if len(self.history) < 2:
-            return self.last_noise
+            return None
         n = len(self.history)
         mean = sum(self.history) / n
         var = sum((x - mean) ** 2 for x in self.history) / (n - 1)  # unbiased, as torch.var
@@ -137,8 +158,7 @@ class GNS(Controller):
         noise = self.noise()
         if noise is None or not math.isfinite(noise):
             return False
-        if len(self.history) >= 2:
-            self.last_noise = noise
+        self.last_noise = noise
         return noise <= obs.k * obs.threshold
 
     def end_window(self, stepped: bool) -> None:
@@ -151,6 +171,85 @@ class GNS(Controller):
         self.last_noise = state.get("last_noise")
 
 
+class GNSSample(Controller):
+    """Gradient noise scale from per-sample gradient norms: can decide on a window's first draw.
+
+    Each draw adds the microbatch's per-sample squared norms to the window's
+    :class:`~hf_gradext.gqc.noise.SampleNormStats`; with the window's mean-gradient norm they give
+    unbiased ``tr(Sigma)`` and ``|G|^2`` (:func:`~hf_gradext.gqc.noise.estimate_noise`). Step iff the
+    noise-to-signal ratio of the window's mean gradient is within the tolerance:
+
+        W2 tr(Sigma) <= tolerance |G|^2,   i.e.   N_eff >= B_simple / tolerance
+
+    (torch-gqc's ``gns`` reading of the tolerance, ``noise / k <= tolerance``, with the noise measured
+    instead of approximated by the spread of microbatch norms). A non-positive ``|G|^2`` estimate (noise
+    dominates) keeps drawing; a window of one sample cannot be estimated and keeps drawing.
+
+    Args:
+        ema: weight of the current window in ``tr(Sigma)`` and ``|G|^2`` (McCandlish et al. smooth both
+            before dividing). 1.0 (default): the window alone; below 1 the decision blends in an EMA over
+            the previous windows' final estimates, which steadies small-window decisions.
+    """
+
+    name = "gns_sample"
+    threshold_name = "noise_tolerance"
+    needs_sample_norms = True
+
+    def __init__(self, ema: float = 1.0) -> None:
+        if not 0 < ema <= 1:
+            raise ValueError(f"ema must be in (0, 1], got {ema}")
+        self.ema = ema
+        self.window = SampleNormStats()
+        self.trace_ema: float | None = None
+        self.signal_ema: float | None = None
+        self.last: NoiseEstimate | None = None  # the estimate behind the last decision (for logs)
+        self._window_estimate: NoiseEstimate | None = None
+
+    def decide(self, obs: Observation) -> bool:
+        if obs.sample_stats is not None:
+            stats = obs.sample_stats
+        elif obs.sample_sq_norms is not None:
+            stats = sample_norm_stats(obs.sample_sq_norms, obs.sample_weights)
+        else:
+            raise UserFacingError(
+                "gqc gns_sample needs per-sample squared gradient norms for every microbatch: pass "
+                "sample_sq_norms=(B,) tensor (e.g. from hf_gradext.grad.per_sample_grad_norms) or sample_stats"
+            )
+        self.window = self.window + stats
+        est = estimate_noise(self.window, obs.mean_grad_norm**2)
+        self._window_estimate = est
+        if est is None:
+            return False
+        if self.ema < 1 and self.trace_ema is not None and self.signal_ema is not None:
+            est = NoiseEstimate(
+                trace_sigma=(1 - self.ema) * self.trace_ema + self.ema * est.trace_sigma,
+                signal_sq=(1 - self.ema) * self.signal_ema + self.ema * est.signal_sq,
+                n_eff=est.n_eff,
+            )
+        self.last = est
+        return est.signal_sq > 0 and est.trace_sigma / est.n_eff <= obs.threshold * est.signal_sq
+
+    def end_window(self, stepped: bool) -> None:
+        est = self._window_estimate
+        if stepped and est is not None:  # a skipped (non-finite) window teaches nothing
+            first = self.trace_ema is None or self.signal_ema is None
+            self.trace_ema = (
+                est.trace_sigma if first else (1 - self.ema) * self.trace_ema + self.ema * est.trace_sigma
+            )
+            self.signal_ema = (
+                est.signal_sq if first else (1 - self.ema) * self.signal_ema + self.ema * est.signal_sq
+            )
+        self.window = SampleNormStats()
+        self._window_estimate = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trace_ema": self.trace_ema, "signal_ema": self.signal_ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trace_ema = state.get("trace_ema")
+        self.signal_ema = state.get("signal_ema")
+
+
 class MHT(Controller):
     """Metric Hypothesis Test (torch-gqc's ``OptimizerWrapperMHT``) on the microbatch losses.
 
@@ -161,6 +260,7 @@ class MHT(Controller):
     """
 
     name = "mht"
+    threshold_name = "percent_error_threshold"
     needs_metrics = True
 
     def __init__(self, confidence: float = 0.95, beta: float = 0.01) -> None:
@@ -201,8 +301,6 @@ def _t_quantile(p: float, df: int) -> float:
     try:
         from scipy import stats
     except ImportError as exc:  # pragma: no cover - exercised only without scipy
-        from hf_gradext.errors import UserFacingError
-
         raise UserFacingError("--gqc mht needs scipy for its t-interval; `pip install scipy`") from exc
     return float(stats.t.ppf(p, df))
 
@@ -215,6 +313,8 @@ def build_controller(args) -> Controller:
         return SBC()
     if args.gqc == "gns":
         return GNS()
+    if args.gqc == "gns_sample":
+        return GNSSample(ema=getattr(args, "gqc_gns_ema", 1.0))
     if args.gqc == "mht":
         return MHT(confidence=args.gqc_mht_confidence, beta=args.gqc_mht_beta)
     raise ValueError(f"no controller for gqc={args.gqc!r}")

@@ -2,7 +2,8 @@
 
 ``GQCCore`` turns one microbatch's reduced numbers into a decision (step / draw again / skip the
 window as non-finite), applies the hard cap, reads the threshold schedule at the current data
-position, keeps run totals, and serializes all of it for checkpoints. It never touches tensors.
+position, keeps run totals, and serializes all of it for checkpoints. It does no tensor work (per-sample
+norms given as a tensor are passed through to the controller).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from hf_gradext.gqc.controllers import Controller, Observation
+from hf_gradext.gqc.noise import SampleNormStats
 from hf_gradext.gqc.schedules import ThresholdSchedule
 
 # Counters saved in checkpoints and summarized at the end of a run.
@@ -102,6 +106,9 @@ class GQCCore:
         microbatch_norms: list[float] | tuple[float, ...] = (),
         metrics: list[float] | tuple[float, ...] = (),
         force: bool = False,
+        sample_stats: SampleNormStats | None = None,
+        sample_sq_norms: torch.Tensor | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> Decision:
         """Decide on the window after ``add_microbatch``; a step or skip closes the window.
 
@@ -111,6 +118,9 @@ class GQCCore:
             nonfinite: a gradient or the loss of this microbatch is NaN/inf.
             microbatch_norms / metrics: per-rank inputs of gns / mht.
             force: step regardless of the controller (end of data or budget).
+            sample_stats / sample_sq_norms / sample_weights: this microbatch's per-sample squared
+                gradient norms for gns_sample, reduced over ranks (``SampleNormStats``) or as (B,) tensors
+                (one process); see :class:`~hf_gradext.gqc.controllers.Observation`.
         """
         if self.window_k < 1:
             raise RuntimeError("decide() called before add_microbatch()")
@@ -122,6 +132,9 @@ class GQCCore:
             samples=self.window_samples,
             microbatch_norms=list(microbatch_norms),
             metrics=list(metrics),
+            sample_stats=sample_stats,
+            sample_sq_norms=sample_sq_norms,
+            sample_weights=sample_weights,
         )
         nonfinite = nonfinite or not math.isfinite(mean_grad_norm)
         if nonfinite:

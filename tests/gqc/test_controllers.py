@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -115,16 +116,55 @@ def test_sbc_steps_at_logical_batch_size():
     assert out == [False, False, True, False, False, True]
 
 
-def test_gns_first_window_needs_two_draws_then_can_step_on_first_draw():
+def _rising_noise_stream(n: int, seed: int = 0):
+    """Linear-regression microbatches whose label noise grows along the stream (gns must draw more)."""
+    g = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(6, 1, generator=g)
+    for i in range(n):
+        x = torch.randn(8, 6, generator=g)
+        yield x, x @ w_true + 0.05 * (1.0 + i) ** 1.5 * torch.randn(8, 1, generator=g)
+
+
+def test_gns_keeps_measuring_noise_and_matches_torch_gqc_when_noise_rises():
+    # Regression: the statistic only exists from two norms on; reusing the previous window's value let
+    # every window after the first step on its first draw, forever (30 steps in 40 draws here, vs 10).
+    mine_model, ref_model = _pair()
+    ref = gqc_ref.OptimizerWrapperGNS(torch.optim.SGD(ref_model.parameters(), lr=0.05), max_batch_draws=16)
+    for g in ref.optimizer.param_groups:
+        g["noise_tolerance"] = 0.02
+    mine = GQCOptimizer(
+        torch.optim.SGD(mine_model.parameters(), lr=0.05), "gns", threshold=0.02, max_microbatches=16
+    )
+    ref_out, my_out, windows = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-gqc's torch.var of one value warns (and gives NaN)
+        for x, y in _rising_noise_stream(40):
+            for model in (ref_model, mine_model):
+                torch.nn.functional.mse_loss(model(x), y).backward()
+            ref_out.append(ref.step())
+            my_out.append(mine.step())
+            if my_out[-1]:
+                windows.append(mine.last_decision.k)
+    assert my_out == ref_out
+    assert sum(my_out) == 10
+    assert min(windows) >= 2  # one process never steps on a window's first draw
+    for a, b in zip(mine_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_gns_statistic_is_the_windows_own_and_needs_two_norms():
     gns = GNS()
     assert not gns.decide(Observation(k=1, mean_grad_norm=1, threshold=10.0, microbatch_norms=[1.0]))
     assert gns.decide(Observation(k=2, mean_grad_norm=1, threshold=10.0, microbatch_norms=[1.1]))
-    gns.end_window(True)
-    # a one-draw window reuses the previous window's (finite) statistic
-    assert gns.decide(Observation(k=1, mean_grad_norm=1, threshold=10.0, microbatch_norms=[5.0]))
     history = [1.0, 1.1]
     expected = torch.tensor(history).var() / (torch.tensor(history).pow(2).mean() + 1e-8)
     assert gns.last_noise == pytest.approx(float(expected), rel=1e-6)
+    gns.end_window(True)
+    # the next window's first draw has one norm again: no statistic, no step (the old one is not reused)
+    assert not gns.decide(Observation(k=1, mean_grad_norm=1, threshold=10.0, microbatch_norms=[5.0]))
+    # two ranks give two norms per draw: a first-draw decision exists (torch-gqc's all_gather)
+    gns.end_window(True)
+    assert gns.decide(Observation(k=1, mean_grad_norm=1, threshold=10.0, microbatch_norms=[1.0, 1.05]))
 
 
 def test_mht_decisions_identical_to_torch_gqc():
