@@ -39,6 +39,7 @@ CASES = {  # script -> (extra flags, environment, variants the CSV must hold)
         {"stock", "mask_cache", "rms_norm", "swiglu", "all", "sdpa/none/mask_cache"},
     ),
     "bench_gqc_overhead.py": ([], {"BENCH_REPEATS": "1"}, {"stock", "gqc_sbc", "gqc_gnts"}),
+    "bench_cli_startup.py": (["--reps", "1"], {}, {"help", "version", "train_help"}),
     "gqc_quality.py": (
         [],
         {

@@ -51,15 +51,61 @@ class _Parser(HfArgumentParser):
         raise UserFacingError(f"{message}; run with --help for the list of flags")
 
 
+def _help_groups() -> list[tuple[str, type]]:
+    """``--help`` sections in the order a user looks for them: each of hf_gradext's feature mixins."""
+    from hf_gradext.arguments.collection import CollectionArguments
+    from hf_gradext.arguments.gqc import GQCArguments
+    from hf_gradext.arguments.model import ModelDataArguments
+    from hf_gradext.arguments.patches import PatchesArguments
+    from hf_gradext.arguments.projection import ProjectionArguments
+
+    return [
+        ("model and data", ModelDataArguments),
+        ("gradient quality control (GQC)", GQCArguments),
+        ("per-sample gradient collection", CollectionArguments),
+        ("gradient projection", ProjectionArguments),
+        ("GPT-2 patches", PatchesArguments),
+    ]
+
+
+def _group_help_by_feature(parser: argparse.ArgumentParser, config_action: argparse.Action) -> None:
+    """Regroup the flat option list: run config (``--config``, ``--help``) first, then each feature's
+    flags, then HF's ``TrainingArguments`` (argparse prints groups in creation order; moving an action
+    between groups only changes where ``--help`` lists it, not how it parses)."""
+    from dataclasses import fields
+
+    flat = parser._optionals  # the one group HfArgumentParser put everything in
+    by_dest = {a.dest: a for a in flat._group_actions}
+    run = parser.add_argument_group("run config")
+    sections = [(run, [by_dest.get("help"), config_action])]
+    for title, mixin in _help_groups():
+        group = parser.add_argument_group(title)
+        sections.append((group, [by_dest.get(f.name) for f in fields(mixin)]))
+    moved: set[int] = set()
+    for group, actions in sections:
+        for action in actions:
+            if action is not None and id(action) not in moved:
+                group._group_actions.append(action)
+                moved.add(id(action))
+    flat._group_actions[:] = [a for a in flat._group_actions if id(a) not in moved]
+    flat.title = "HF TrainingArguments (see transformers' docs)"
+    # Print the feature groups before HF's: argparse keeps groups in a list, in creation order.
+    parser._action_groups.remove(flat)
+    parser._action_groups.append(flat)
+
+
 def build_parser(prog: str = "hf-gradext train") -> HfArgumentParser:
-    """The ``HfArgumentParser`` over ``GradExtArguments`` (plus ``--config``, documented only)."""
-    parser = _Parser(GradExtArguments, prog=prog, allow_abbrev=False)
-    parser.add_argument(
+    """The ``HfArgumentParser`` over ``GradExtArguments`` (plus ``--config``), help grouped by feature."""
+    # A one-line usage: argparse's default lists all ~180 flags before the first section.
+    usage = "%(prog)s [--config RUN.yaml] [--FLAG VALUE ...]  (flags grouped by feature below)"
+    parser = _Parser(GradExtArguments, prog=prog, allow_abbrev=False, usage=usage)
+    config_action = parser.add_argument(
         "--config",
         metavar="RUN.yaml",
         default=None,
         help="YAML file whose keys (flag names) set defaults; command-line flags override them.",
     )
+    _group_help_by_feature(parser, config_action)
     return parser
 
 
