@@ -30,6 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_gradext.arguments.collection import resolve_collection_dir
+from hf_gradext.callbacks.requirements import require_gradext_trainer
 from hf_gradext.callbacks.training_logs import extend_training_logs, log_own_entry
 from hf_gradext.collection.chunking import MIB
 from hf_gradext.collection.collector import StepCollector
@@ -65,6 +66,7 @@ class PerSampleGradientCallback(TrainerCallback):
     """
 
     def __init__(self, trainer: Any) -> None:
+        require_gradext_trainer(trainer, type(self).__name__, "gradient_collection_steps")
         self.trainer = trainer
         args = trainer.args
         self.args = args

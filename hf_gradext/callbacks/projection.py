@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_gradext.callbacks.requirements import require_gradext_trainer
 from hf_gradext.devices import HostCopy
 from hf_gradext.grad.observer import TrainingCaptureObserver
 from hf_gradext.projection.io import (
@@ -84,6 +85,7 @@ class GradientProjectionCallback(TrainerCallback):
     """Writes projected per-sample gradients of every training microbatch (see module doc)."""
 
     def __init__(self, trainer: Any) -> None:
+        require_gradext_trainer(trainer, type(self).__name__, "proj_rank_total")
         args = trainer.args
         self.args = args
         self.directory = projection_dir(args)
