@@ -229,10 +229,11 @@ def _run_epoch(
         )
 
     sum_loss = _loss_is_sum(trainer)
-    # HF multiplies the loss by the process count when averaging tokens across devices.
-    loss_mult = float(world) if (sum_loss and args.average_tokens_across_devices) else 1.0
     one = torch.ones((), device=device) if sum_loss else None
     trainer_internals.set_current_accumulation_steps(trainer, 1)
+    # What HF multiplies the token-sum loss by (num_items_in_batch=1): num_processes // tp_size under
+    # average_tokens_across_devices; asked of the package's one mirror of HF's loss scaling.
+    loss_mult = float(loss_integration.hf_loss_multiplier(trainer, 1)) if sum_loss else 1.0
     params = [p for p in model.parameters() if p.requires_grad]
     tracker = getattr(trainer, "_gqc_tracker", None)
     if core.controller.needs_microbatch_norms and tracker is None:

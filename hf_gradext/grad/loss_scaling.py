@@ -3,9 +3,10 @@
 Loss convention: the per-sample gradient of sample ``i`` is the gradient of *its own* mean token loss
 ``L_i = S_i / n_i``, where ``S_i`` is the sum of its token losses over the ``n_i`` targets with
 ``labels != -100`` (after the causal shift for causal LMs). Whatever loss is actually backwarded is a
-multiple of the token sum, ``loss = c * sum_i S_i`` (HF: ``c = 1 / num_items_in_batch``, times the world
-size under DDP with ``average_tokens_across_devices``), so sample ``i``'s rows of every captured output
-gradient are multiplied by ``1 / (c * n_i)`` to become gradients of ``sum_i L_i``. Samples with
+multiple of the token sum, ``loss = c * sum_i S_i`` (HF: ``c = 1 / num_items_in_batch``, times
+``num_processes // tp_size`` with ``average_tokens_across_devices``), so sample ``i``'s rows of every captured output
+gradient are multiplied by ``1 / (c * n_i)`` to become gradients of ``sum_i L_i``
+(:func:`hf_gradext.integrations.loss.hf_loss_multiplier` is the one mirror of HF's ``c``). Samples with
 ``n_i = 0`` get scale 0; tokens with ``attention_mask == 0`` (padding) are zeroed exactly.
 """
 
@@ -18,6 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# Whether the model's loss shifts labels: the package's one answer, defined with HF's other loss
+# conventions in hf_gradext.integrations.loss (re-exported here for the engine's callers).
+from hf_gradext.integrations.loss import shifts_labels
+
 IGNORE_INDEX = -100
 
 
@@ -25,18 +30,6 @@ def valid_token_counts(labels: Tensor, shift: bool = True, ignore_index: int = I
     """``(B,)`` number of loss targets per sample (``labels[:, 1:]`` when the loss shifts labels)."""
     lab = labels[:, 1:] if shift else labels
     return lab.ne(ignore_index).reshape(lab.shape[0], -1).sum(1)
-
-
-def shifts_labels(model: nn.Module) -> bool:
-    r"""Whether the model's built-in loss is HF's causal-LM loss (logit ``t`` predicts ``labels[t + 1]``).
-
-    The one answer of the package (:func:`hf_gradext.integrations.loss.shifts_labels`, shared with the
-    GQC loop): an unknown/missing ``loss_type`` (GPT-2's is ``None``) still means ``ForCausalLMLoss``;
-    plain ``nn.Module``\ s have no built-in loss and do not shift.
-    """
-    from hf_gradext.integrations.loss import shifts_labels as model_shifts_labels
-
-    return model_shifts_labels(model)
 
 
 @dataclass

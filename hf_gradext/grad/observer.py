@@ -1,14 +1,9 @@
 """Arming the capture engine inside ``GradExtTrainer.training_step`` (the training backward itself).
 
-HF ``Trainer`` (transformers 5.23) backwards, per microbatch::
-
-    loss = S_mb / num_items_in_batch            # model accepts loss kwargs and N is known
-           * (num_processes // tp_size)          # if args.average_tokens_across_devices
-    or   = S_mb / n_mb / current_gradient_accumulation_steps   # otherwise (plain token mean)
-    loss = loss / accelerator.gradient_accumulation_steps (1 under Trainer) * grad_scaler.scale (fp16)
-
-where ``S_mb`` is the microbatch's token-loss sum and ``num_items_in_batch`` the valid-target count of
-the whole accumulation window (over all ranks). :func:`hf_trainer_loss_scale` inverts exactly that.
+HF ``Trainer`` backwards ``c * S_mb`` per microbatch, ``S_mb`` the microbatch's token-loss sum and ``c``
+(``1 / num_items_in_batch`` times the world factor, or the plain token mean divided by the accumulation
+steps; the grad scaler under fp16) as mirrored, once for the package, by
+:func:`hf_gradext.integrations.loss.hf_loss_multiplier`. :func:`hf_trainer_loss_scale` inverts it.
 """
 
 from __future__ import annotations
@@ -21,7 +16,8 @@ import torch
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.capture import CaptureEngine
-from hf_gradext.grad.loss_scaling import LossScale, reciprocal, shifts_labels, valid_token_counts
+from hf_gradext.grad.loss_scaling import LossScale, shifts_labels, valid_token_counts
+from hf_gradext.integrations.loss import hf_loss_multiplier
 
 
 def hf_trainer_loss_scale(
@@ -48,28 +44,8 @@ def hf_trainer_loss_scale(
         # does not shift for GPT-2 in transformers 5.23; we take num_items_in_batch as given).
         counts = valid_token_counts(inputs["labels"], shift=shifts_labels(trainer.model))
 
-    from hf_gradext.integrations.trainer import model_accepts_loss_kwargs
-
-    accepts = model_accepts_loss_kwargs(trainer)  # checked: a drift raises instead of guessing
     # ``mult`` may stay a device scalar: reading it (or the counts) on the host would sync the GPU.
-    mult: float | torch.Tensor
-    if accepts and num_items_in_batch is not None:
-        mult = reciprocal(num_items_in_batch)
-        if args.average_tokens_across_devices:
-            mult = mult * (trainer.accelerator.num_processes // trainer.get_tp_size())
-    else:
-        mult = reciprocal(counts.sum().clamp_min(1))
-    scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
-    if scaled_for_ga is None:
-        scaled_for_ga = accepts and num_items_in_batch is not None
-    if not scaled_for_ga:
-        mult = mult / trainer.current_gradient_accumulation_steps
-    accelerator = trainer.accelerator
-    if accelerator.distributed_type != "DEEPSPEED":  # a str enum; deepspeed scales by itself
-        mult = mult / accelerator.gradient_accumulation_steps
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and scaler.is_enabled():
-        mult = mult * float(scaler.get_scale())  # fp16: the backwarded loss is multiplied by the scale
+    mult = hf_loss_multiplier(trainer, num_items_in_batch, counts.sum())
     return LossScale.from_token_sum(counts, mult, inputs.get("attention_mask"))
 
 

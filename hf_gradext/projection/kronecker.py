@@ -1,30 +1,94 @@
-"""Kronecker projection of per-sample gradients from captured layer tensors (pure torch).
+"""Kronecker projection of per-sample gradient contributions (pure torch).
 
 Convention for every layer, whatever its storage layout: with ``G_i`` the per-sample weight gradient
 written as ``(d_out, d_in)`` (``nn.Linear``'s layout; HF ``Conv1D`` and ``nn.Embedding`` store the
 transpose), the projected gradient is ``vec(P_o G_i P_i^T)`` flattened row-major over ``(k_o, k_i)``,
-which equals ``(P_o kron P_i) vec(G_i)``. Since ``G_i = sum_t g_it a_it^T`` this is
-``sum_t (P_o g_it)(P_i a_it)^T``: the ``d_out x d_in`` gradient is never built.
+which equals ``(P_o kron P_i) vec(G_i)``.
 
-Embeddings (weight ``(V, d)``, treated as ``d_in = V``, ``d_out = d``): ``P_i a_t`` for a one-hot ``a_t``
-is column ``x_t`` of ``P_i``, a gather, so no ``(B, T, V)`` one-hot tensor exists. A tied ``lm_head``
-(``nn.Linear(d, V)``, weight ``(V, d)`` = the embedding's) contributes ``sum_t (P_o h_t)(P_i z_t)^T``
-with ``h_t`` its input and ``z_t`` the logits gradient, added to the embedding's own block, so the tied
-parameter's block is the projection of the sum of both gradient contributions.
+The inputs are the registry's contributions (:mod:`hf_gradext.grad.factors`), in the *parameter's* own
+layout ``[m, n]``: ``layout="out_in"`` means ``m = d_out`` (``P_o`` meets the first dim), ``"in_out"``
+means ``m = d_in``. For an :class:`~hf_gradext.grad.factors.Outer` term ``G = sum_t u_t v_t^T`` the
+projection is ``sum_t (P_m u_t)(P_n v_t)^T``: the ``m x n`` gradient is never built. For an index term
+(embedding rows, ``u_t`` one-hot) ``P_m u_t`` is column ``u_t`` of ``P_m``, a gather, so no ``(B, T, V)``
+one-hot tensor exists. A :class:`~hf_gradext.grad.factors.Dense` term is projected directly.
+
+A parameter used by several modules (GPT-2's tied ``wte`` / ``lm_head``) has one contribution per module,
+all in the same parameter layout, so its block is the sum of their projections: the projection of the sum.
 """
 
 from __future__ import annotations
 
 import torch
 
+from hf_gradext.grad.factors import Contribution, Dense, Outer
+
+LAYOUTS = ("out_in", "in_out")
+
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast: no dtype crash)."""
+    """float64 if any floating input is float64, else float32 (bf16/fp16 inputs are upcast: no dtype crash)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+
+
+def _project_factor(x: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``P x_t`` per token: (B, T, d) dense rows -> (B, T, k); (B, T) ids -> the gathered columns of ``P``."""
+    p = p.to(device=x.device, dtype=dtype)
+    if not x.is_floating_point():
+        return p.T[x]  # (B, T, k): column x_t of P, a gather
+    return x.to(dtype) @ p.T  # (B, T, k)
+
+
+def project_outer(
+    u: torch.Tensor, v: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor, layout: str
+) -> torch.Tensor:
+    """Projected per-sample gradients of ``G_i = sum_t u_it v_it^T`` (parameter layout ``[m, n]``).
+
+    Args:
+        u: (B, T, m) dense factor, or (B, T) long row ids (one-hot rows of an ``m``-row table).
+        v: (B, T, n) dense factor; padding rows must be zero.
+        p_in: (k_i, d_in). p_out: (k_o, d_out).
+        layout: ``"out_in"`` (``m = d_out``, nn.Linear) or ``"in_out"`` (``m = d_in``: Conv1D, Embedding).
+
+    Returns:
+        (B, k_o * k_i) rows ``vec(P_o G_i P_i^T)``, float32 (float64 if any input is float64).
+    """
+    _check_layout(layout)
+    dtype = _compute_dtype(*(t for t in (u, v, p_in, p_out) if t.is_floating_point()))
+    p_m, p_n = (p_out, p_in) if layout == "out_in" else (p_in, p_out)
+    u_proj = _project_factor(u, p_m, dtype)  # (B, T, k_m)
+    v_proj = _project_factor(v, p_n, dtype)  # (B, T, k_n)
+    o_proj, i_proj = (u_proj, v_proj) if layout == "out_in" else (v_proj, u_proj)
+    out = torch.einsum("bto,bti->boi", o_proj, i_proj)  # (B, k_o, k_i)
+    return out.reshape(out.shape[0], -1)
+
+
+def project_contribution(
+    c: Contribution, p_in: torch.Tensor, p_out: torch.Tensor, layout: str
+) -> torch.Tensor:
+    """Projected per-sample gradients of one registry contribution to a 2-D weight.
+
+    Args:
+        c: an ``Outer`` weight term (``v`` not ``None``) or a ``Dense`` ``(B, m, n)`` gradient, both in
+            the parameter's layout.
+        p_in, p_out, layout: as in :func:`project_outer`.
+
+    Returns:
+        (B, k_o * k_i).
+    """
+    if isinstance(c, Dense):
+        return naive_project(c.value, p_in, p_out, layout)
+    if isinstance(c, Outer) and c.v is not None:
+        return project_outer(c.u, c.v, p_in, p_out, layout)
+    raise ValueError("only 2-D weights have a Kronecker projection (got a bias / 1-D contribution)")
+
+
 def project_dense(a: torch.Tensor, g: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
-    """Projected per-sample gradients of a Linear/Conv1D weight.
+    """Projected per-sample gradients of a Linear/Conv1D weight from its input and output gradient.
 
     Args:
         a: layer input, (B, T, d_in) (or (B, d_in) for inputs without a sequence axis).
@@ -36,17 +100,16 @@ def project_dense(a: torch.Tensor, g: torch.Tensor, p_in: torch.Tensor, p_out: t
     """
     if a.dim() == 2:
         a, g = a.unsqueeze(1), g.unsqueeze(1)
-    dtype = _compute_dtype(a, g, p_in, p_out)
-    a_proj = a.to(dtype) @ p_in.to(device=a.device, dtype=dtype).T  # (B, T, k_i)
-    g_proj = g.to(dtype) @ p_out.to(device=g.device, dtype=dtype).T  # (B, T, k_o)
-    out = torch.einsum("bto,bti->boi", g_proj, a_proj)  # (B, k_o, k_i)
-    return out.reshape(out.shape[0], -1)
+    return project_outer(g, a, p_in, p_out, "out_in")  # G = sum_t g_t a_t^T in (d_out, d_in)
 
 
 def project_embedding(
     ids: torch.Tensor, g: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor
 ) -> torch.Tensor:
     """Projected per-sample gradients of an embedding table ``(V, d)`` from token ids (sparse-aware).
+
+    No ``padding_idx`` masking here: the registry's embedding math (:mod:`hf_gradext.grad.embedding`)
+    zeroes those rows of ``g`` before a projector sees them.
 
     Args:
         ids: (B, T) integer ids (token or position ids) that were looked up.
@@ -56,17 +119,13 @@ def project_embedding(
     Returns:
         (B, k_o * k_i).
     """
-    dtype = _compute_dtype(g, p_in, p_out)
-    cols = p_in.to(device=ids.device, dtype=dtype).T[ids]  # (B, T, k_i): column x_t of P_i, a gather
-    g_proj = g.to(dtype) @ p_out.to(device=g.device, dtype=dtype).T  # (B, T, k_o)
-    out = torch.einsum("bto,bti->boi", g_proj, cols)  # (B, k_o, k_i)
-    return out.reshape(out.shape[0], -1)
+    return project_outer(ids, g, p_in, p_out, "in_out")
 
 
 def project_tied_head(
     h: torch.Tensor, z: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor
 ) -> torch.Tensor:
-    """The tied ``lm_head``'s contribution to its embedding's block (add it to that block).
+    """A tied ``lm_head``'s contribution to its embedding's block (add it to that block).
 
     Args:
         h: (B, T, d) input of the head (final hidden states).
@@ -76,13 +135,8 @@ def project_tied_head(
     Returns:
         (B, k_o * k_i).
     """
-    # The head's gradient in (d_out=V, d_in=d) layout is the transpose of the embedding's (d, V) view,
-    # so the roles swap: P_o meets the head's input, P_i meets the logits gradient.
-    dtype = _compute_dtype(h, z, p_in, p_out)
-    z_proj = z.to(dtype) @ p_in.to(device=z.device, dtype=dtype).T  # (B, T, k_i)
-    h_proj = h.to(dtype) @ p_out.to(device=h.device, dtype=dtype).T  # (B, T, k_o)
-    out = torch.einsum("bto,bti->boi", h_proj, z_proj)  # (B, k_o, k_i)
-    return out.reshape(out.shape[0], -1)
+    # The head's weight is the table itself, [V, d] = sum_t z_t h_t^T: the table's layout (m = d_in = V).
+    return project_outer(z, h, p_in, p_out, "in_out")
 
 
 def naive_project(grad: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor, layout: str) -> torch.Tensor:
@@ -96,8 +150,7 @@ def naive_project(grad: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor, l
     Returns:
         (B, k_o * k_i), equal to ``(P_o kron P_i) vec(G)``; independent of the captured (a, g) path.
     """
-    if layout not in ("out_in", "in_out"):
-        raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+    _check_layout(layout)
     g = grad if layout == "out_in" else grad.transpose(-1, -2)  # (B, d_out, d_in)
     dtype = _compute_dtype(g, p_in, p_out)
     g = g.to(dtype)

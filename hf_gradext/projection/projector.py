@@ -1,11 +1,23 @@
 """``KroneckerProjector``: per-sample projected gradients of selected layers, from one backward.
 
-Each selected ``nn.Linear`` / HF ``Conv1D`` weight (and, with ``include_embeddings``, each ``nn.Embedding``
-table, including a tied ``lm_head``'s contribution) owns a slice ``[slice_start, slice_end)`` of the
-output row, holding ``vec(P_o G_i P_i^T)`` (see :mod:`hf_gradext.projection.kronecker`). Biases and
-norm layers are not projected. The capture engine (:mod:`hf_gradext.grad.capture`) supplies the layer
-inputs ``a`` and output gradients ``g`` already rescaled to the gradient of each sample's own mean token
-loss, with padding rows exactly zero.
+Each projected 2-D weight *parameter* (``nn.Linear`` / HF ``Conv1D`` weights, LoRA adapters, and with
+``include_embeddings`` the ``nn.Embedding`` tables) owns a slice ``[slice_start, slice_end)`` of the
+output row holding ``vec(P_o G_i P_i^T)`` (see :mod:`hf_gradext.projection.kronecker`). Biases and norm
+layers are not projected.
+
+The per-layer math is the per-sample gradient registry's (:mod:`hf_gradext.grad.registry`): every captured
+module call becomes the registry's contributions (``Outer`` / ``Dense``), which are projected without
+building the gradient. So whatever the registry knows, projection knows too: embedding rows at
+``padding_idx`` get no gradient, peft LoRA adapters are plain linears, and a parameter used by several
+modules (GPT-2's tied ``wte`` / ``lm_head``) is projected as the sum of all its uses: every module owning
+it is hooked, whichever of them the layer selection named. The capture engine
+(:mod:`hf_gradext.grad.capture`) supplies the layer inputs ``a`` and output gradients ``g`` already rescaled
+to the gradient of each sample's own mean token loss, with padding rows exactly zero.
+
+Metadata format ``hf_gradext.projection/2``. Version 1 (before the registry route) missed a tied weight's
+other modules under a partial selection (``layers="mlp,attn"`` with ``include_embeddings``: the
+``lm_head`` half of ``wte``) and did not mask ``padding_idx``; version-1 metadata is still read when none
+of its blocks is affected, and refused with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -25,26 +37,29 @@ from torch import nn
 from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.capture import CaptureEngine
 from hf_gradext.grad.loss_scaling import LossScale
-from hf_gradext.grad.registry import lookup
-from hf_gradext.grad.selection import clean_name, select_modules, unwrap_model
-from hf_gradext.projection.kronecker import (
-    naive_project,
-    project_dense,
-    project_embedding,
-    project_tied_head,
+from hf_gradext.grad.registry import LayerSpec, evaluate_math, lookup
+from hf_gradext.grad.selection import (
+    clean_name,
+    module_groups,
+    select_modules,
+    trainable_modules,
+    unwrap_model,
 )
+from hf_gradext.integrations.loss import shifts_labels
+from hf_gradext.projection.kronecker import naive_project, project_contribution
 from hf_gradext.projection.matrices import layer_seed, make_factors
 from hf_gradext.projection.ranks import split_rank
 
 logger = logging.getLogger(__name__)
-FORMAT = "hf_gradext.projection/1"
+FORMAT = "hf_gradext.projection/2"
+FORMAT_V1 = "hf_gradext.projection/1"  # read when unaffected by the fixes of version 2 (module doc)
 
 
 @dataclass
 class LayerBlock:
     """One projected weight and its slice of the output row (what ``metadata.json`` stores per layer)."""
 
-    name: str  # module name in the unwrapped model
+    name: str  # the first module (named_modules order) owning the weight, in the unwrapped model
     type: str  # "linear" | "conv1d" | "embedding"
     weight_name: str  # named_parameters() name of the projected weight
     original_shape: list[int]
@@ -69,14 +84,38 @@ def _package_version() -> str:
 
 
 def _kind(module: nn.Module) -> str | None:
+    """Block type of a module's ``weight`` from its registered family (``None``: no Kronecker form)."""
     spec = lookup(module)
     if spec is None:
         return None
     if spec.family == "embedding":
         return "embedding"
     if spec.family == "linear":
-        return "linear" if isinstance(module, nn.Linear) else "conv1d"
+        # HF's Conv1D stores [in, out]; every other linear-family layer (nn.Linear, LoRA adapters, layers
+        # registered by users) is taken as torch's [out, in]. Either way the rows are the projection of
+        # the registry's gradient; the layout only names which factor is P_i.
+        return "conv1d" if any(c.__name__ == "Conv1D" for c in type(module).__mro__) else "linear"
     return None
+
+
+def _weight(module: nn.Module) -> nn.Parameter | None:
+    """The module's own 2-D ``weight`` parameter, if it has one."""
+    w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return w if isinstance(w, nn.Parameter) and w.dim() == 2 else None
+
+
+def weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(weight): [module names]}``: every module owning each 2-D weight, in ``named_modules`` order.
+
+    Includes modules without a Kronecker form (their names tell why a shared weight cannot be projected).
+    A tied parameter lists all its modules (GPT-2: ``["transformer.wte", "lm_head"]``).
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in unwrap_model(model).named_modules():
+        w = _weight(module)
+        if w is not None:
+            owners.setdefault(id(w), []).append(clean_name(name))
+    return owners
 
 
 class KroneckerProjector:
@@ -85,10 +124,13 @@ class KroneckerProjector:
     Args:
         model: the model (plain, DDP-wrapped or peft); names are those of the unwrapped model.
         layers: selection as in :func:`hf_gradext.grad.selection.select_modules` (``"mlp,attn"``, a
-            regex like ``"transformer.h.0"``...); only Linear/Conv1D weights (and embeddings) are projected.
+            regex like ``"transformer.h.0"``...); the 2-D weights of the selected modules with registered
+            Linear/Conv1D/Embedding math are projected (embedding tables only when selected: ``"all"``,
+            ``"embed"``, a regex, or ``include_embeddings``).
         rank_total: target ``k_i * k_o`` per layer. rank_min: lower bound of each factor.
         seed: projection seed. row_orthonormal: row-orthonormal factors instead of Gaussian ones.
-        include_embeddings: also project ``nn.Embedding`` tables (and a tied ``lm_head``).
+        include_embeddings: also project the trainable ``nn.Embedding`` tables (with every other module
+            sharing their weight, e.g. a tied ``lm_head``).
         dtype: storage dtype recorded in the metadata (rows returned by :meth:`project` are float32).
     """
 
@@ -111,11 +153,17 @@ class KroneckerProjector:
         self.include_embeddings, self.dtype = include_embeddings, dtype
         self.method = "row_orthonormal" if row_orthonormal else "gaussian"
         self.blocks = _blocks if _blocks is not None else self._build_blocks()
-        self._route: dict[str, tuple[LayerBlock, str]] = {}
+        modules = {clean_name(n): m for n, m in unwrap_model(model).named_modules()}
+        # Every module using a projected weight is hooked and routed to that weight's block.
+        self._route: dict[str, LayerBlock] = {}
+        self._specs: dict[str, LayerSpec] = {}
         for block in self.blocks:
-            self._route[block.name] = (block, block.type)
-            for head in block.tied_modules:
-                self._route[head] = (block, "tied_head")
+            for name in (block.name, *block.tied_modules):
+                spec = lookup(modules[name])
+                if spec is None:
+                    raise UserFacingError(f"{name} ({type(modules[name]).__name__}) has no registered math")
+                self._route[name], self._specs[name] = block, spec
+        self._projected = {id(_weight(modules[b.name])) for b in self.blocks}
         self._factors = {
             b.name: make_factors(b.name, b.d_in, b.d_out, b.k_i, b.k_o, seed, self.method)
             for b in self.blocks
@@ -126,36 +174,51 @@ class KroneckerProjector:
         self._partial: dict[str, torch.Tensor] = {}
         self._engine: CaptureEngine | None = None
         self.last_loss_tensor: torch.Tensor | None = None  # loss of the last project() batch, on its device
+        self._shift: bool | None = None  # whether the model's loss shifts labels (asked on first use)
 
     # ------------------------------------------------------------------ layout
-    def _build_blocks(self) -> list[LayerBlock]:
-        root = unwrap_model(self.model)
+    def _selected(self) -> dict[str, nn.Module]:
         selected = select_modules(self.model, self.layers)
         if self.include_embeddings:
-            selected.update(select_modules(self.model, "embed"))
+            # The trainable tables only: under peft the embeddings are frozen and nothing is added.
+            tables = {
+                n: m for n, m in trainable_modules(self.model).items() if "embed" in module_groups(n, m)
+            }
+            if not tables:
+                logger.info("include_embeddings: the model has no trainable embedding table")
+            selected.update(tables)
+        return selected
+
+    def _build_blocks(self) -> list[LayerBlock]:
+        root = unwrap_model(self.model)
         modules = {clean_name(n): m for n, m in root.named_modules()}
         order = {n: i for i, n in enumerate(modules)}
-        embed_weights = {
-            id(m.weight): n for n, m in modules.items() if _kind(m) == "embedding" and n in selected
-        }
-        blocks: list[LayerBlock] = []
-        tied: dict[str, list[str]] = {}
+        selected = self._selected()
+        owners = weight_owners(root)
+        names = {id(p): clean_name(n) for n, p in root.named_parameters()}
+        blocks: dict[int, LayerBlock] = {}
         skipped = []
         for name in sorted(selected, key=order.__getitem__):
-            module = selected[name]
-            kind = _kind(module)
-            weight = getattr(module, "weight", None)
-            if kind is None or weight is None or not weight.requires_grad:
+            weight = _weight(selected[name])
+            if _kind(selected[name]) is None or weight is None or not weight.requires_grad:
                 skipped.append(name)
                 continue
-            if kind == "linear" and id(weight) in embed_weights:
-                tied.setdefault(embed_weights[id(weight)], []).append(name)
+            if id(weight) in blocks:
+                continue  # a tied weight: its block is already there, with every module using it
+            users = owners[id(weight)]
+            untouched = [u for u in users if _kind(modules[u]) is None]
+            if untouched:
+                skipped.append(
+                    f"{name} (its weight is also used by {', '.join(untouched)}, which has no math)"
+                )
                 continue
-            if kind != "embedding" and _shares_embedding_weight(root, weight):
-                # A tied head alone would project only part of its parameter's gradient.
-                skipped.append(f"{name} (tied to an embedding: pass include_embeddings)")
+            tables = [u for u in users if _kind(modules[u]) == "embedding" and u not in selected]
+            if tables:
+                # An embedding table is projected only on request (it is V x d); a head tied to it alone
+                # would project only part of its parameter's gradient.
+                skipped.append(f"{name} (tied to {', '.join(tables)}: pass include_embeddings)")
                 continue
-            blocks.append(self._block(name, kind, module))
+            blocks[id(weight)] = self._block(users[0], modules[users[0]], names[id(weight)], users[1:])
         if skipped:
             logger.info("not projected (no Kronecker form or tied): %s", ", ".join(skipped))
         if not blocks:
@@ -163,36 +226,26 @@ class KroneckerProjector:
                 f"--proj_layers={self.layers!r} selects no Linear/Conv1D weight (only {', '.join(skipped)}); "
                 "select attention/MLP layers or pass --include_embeddings"
             )
-        for block in blocks:
-            block.tied_modules = tied.get(block.name, [])
+        ordered = sorted(blocks.values(), key=lambda b: order[b.name])
         start = 0
-        for block in blocks:
+        for block in ordered:
             block.slice_start, start = start, start + block.k_i * block.k_o
             block.slice_end = start
-        return blocks
+        return ordered
 
-    def _block(self, name: str, kind: str, module: nn.Module) -> LayerBlock:
+    def _block(self, name: str, module: nn.Module, weight_name: str, tied: list[str]) -> LayerBlock:
+        kind = _kind(module)
+        assert kind is not None
         shape = list(module.weight.shape)
         if kind == "linear":
             d_out, d_in, layout = shape[0], shape[1], "out_in"
         else:  # Conv1D weight (in, out); Embedding (V, d) treated as in=V, out=d
             d_in, d_out, layout = shape[0], shape[1], "in_out"
         k_i, k_o = split_rank(d_in, d_out, self.rank_total, self.rank_min)
-        names = {id(p): clean_name(n) for n, p in unwrap_model(self.model).named_parameters()}
         return LayerBlock(
-            name,
-            kind,
-            names[id(module.weight)],
-            shape,
-            layout,
-            d_in,
-            d_out,
-            k_i,
-            k_o,
-            0,
-            0,
-            layer_seed(self.seed, name),
-        )
+            name, kind, weight_name, shape, layout, d_in, d_out, k_i, k_o, 0, 0, layer_seed(self.seed, name),
+            list(tied),
+        )  # fmt: skip
 
     @property
     def dim(self) -> int:
@@ -245,19 +298,12 @@ class KroneckerProjector:
             if not path.is_file():
                 raise UserFacingError(f"{path} not found; pass a projection directory or its metadata.json")
             meta = json.loads(path.read_text())
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in (FORMAT, FORMAT_V1):
             raise UserFacingError(
                 f"metadata format {meta.get('format')!r} is not {FORMAT!r}; re-run the projection"
             )
         blocks = [LayerBlock(**b) for b in meta["layers"]]
-        modules = {clean_name(n): m for n, m in unwrap_model(model).named_modules()}
-        for b in blocks:
-            module = modules.get(b.name)
-            if module is None or list(getattr(module, "weight", torch.empty(0)).shape) != b.original_shape:
-                raise UserFacingError(
-                    f"metadata layer {b.name} {b.original_shape} does not exist in this model with that shape; "
-                    "load the model the projection was made with"
-                )
+        _check_blocks(blocks, model, meta["format"])
         return cls(
             model,
             layers=meta["proj_layers"],
@@ -272,7 +318,7 @@ class KroneckerProjector:
 
     # ------------------------------------------------------------------ capture path
     def capture_layers(self) -> str:
-        """Selection string of exactly the modules to hook (projected layers + tied heads)."""
+        """Selection string of exactly the modules to hook (every module using a projected weight)."""
         return ",".join(f"^{re.escape(n)}$" for n in self._route)
 
     def make_engine(self, weight_grads: bool = False) -> CaptureEngine:
@@ -286,19 +332,29 @@ class KroneckerProjector:
         )
 
     def on_capture(self, name: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> None:
-        """Engine callback: add this module call's projected contribution to its block."""
-        block, role = self._route[name]
+        """Engine callback: add this module call's projected contribution to its weight's block.
+
+        The contribution is the registry's (``padding_idx`` masking, LoRA, tied heads included), asked for
+        the projected weight only: biases are not projected, so their terms are never formed.
+        """
+        block = self._route.get(name)
+        if block is None:
+            return  # a module this projector does not project (an engine hooking more than it needs)
+        contribs = evaluate_math(self._specs[name].math, module, a, g, trainable=self._is_projected)
+        contrib = contribs.get("weight")
+        if contrib is None:
+            return
         p_in, p_out = self._on_device(
             block.name, g.device, torch.float64 if g.dtype == torch.float64 else torch.float32
         )
-        if role == "embedding":
-            part = project_embedding(a, g, p_in, p_out)
-        elif role == "tied_head":
-            part = project_tied_head(a, g, p_in, p_out)
-        else:
-            part = project_dense(a, g, p_in, p_out)
+        part = project_contribution(contrib, p_in, p_out, block.layout)  # (B, k_o * k_i)
         prev = self._partial.get(block.name)
         self._partial[block.name] = part if prev is None else prev + part
+
+    def _is_projected(self, param: nn.Parameter) -> bool:
+        # The registry's "trainable?" question, answered as "projected?": independent of requires_grad,
+        # which a weight_grads=False engine clears while it is armed.
+        return id(param) in self._projected
 
     @property
     def last_loss(self) -> float:
@@ -337,9 +393,10 @@ class KroneckerProjector:
         self.model.eval()
         self.reset()
         try:
-            with torch.enable_grad(), self._engine.capture(self.loss_scale(batch)):
+            shift = self._shifts_labels()
+            with torch.enable_grad(), self._engine.capture(self.loss_scale(batch, shift=shift)):
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
-                loss = causal_lm_loss(self.model(**inputs).logits, batch["labels"])
+                loss = causal_lm_loss(self.model(**inputs).logits, batch["labels"], shift=shift)
                 loss.backward()
             self.last_loss_tensor = loss.detach()  # read lazily: no GPU wait here
             rows = self.collect()
@@ -347,16 +404,21 @@ class KroneckerProjector:
             self.model.train(was_training)
         return rows if rows.dtype == torch.float64 else rows.float()
 
-    def loss_scale(self, batch: Mapping[str, Any]) -> LossScale:
-        """Rescaling for ``model(**batch).loss`` (token mean over the batch) to per-sample mean losses.
+    def loss_scale(self, batch: Mapping[str, Any], *, shift: bool | None = None) -> LossScale:
+        """Rescaling for the batch's token-mean loss (``model(**batch).loss``) to per-sample mean losses.
 
-        Causal LMs shift labels by one; decided here from the config because the engine's
-        ``shifts_labels`` reads ``model.loss_type``, which transformers leaves ``None`` for e.g.
-        ``GPT2LMHeadModel`` (it then still uses ``ForCausalLMLoss``).
+        Whether the loss shifts labels is the package's one answer,
+        :func:`hf_gradext.integrations.loss.shifts_labels` (``shift=None``: asked once per projector).
         """
-        config = getattr(unwrap_model(self.model), "config", None)
-        shift = not bool(getattr(config, "is_encoder_decoder", False))
+        if shift is None:
+            shift = self._shifts_labels()
         return LossScale.batch_mean(batch, shift=shift)
+
+    def _shifts_labels(self) -> bool:
+        # Asked once per projector: the model's loss function does not change between batches.
+        if self._shift is None:
+            self._shift = shifts_labels(self.model)
+        return self._shift
 
     def close(self) -> None:
         """Remove the hooks of the engine :meth:`project` created."""
@@ -382,20 +444,50 @@ class KroneckerProjector:
         return torch.cat(parts, dim=1)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF's causal-LM loss (shift by one, token mean over ``labels != -100`` of the whole batch), computed
-    in float64 for a float64 model (HF upcasts to float32 only, which would cap the exactness tests)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """HF's LM loss: token mean over ``labels != -100`` of the whole batch (shifted by one when ``shift``:
+    logit ``t`` predicts ``labels[t + 1]``), computed in float64 for a float64 model (HF upcasts to float32
+    only, which would cap the exactness tests)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    shifted = logits[:, :-1].to(dtype)  # (B, T-1, V)
-    target = labels[:, 1:].to(logits.device)  # (B, T-1)
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    target = labels.to(logits.device)  # (B, T')
     total = torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.to(dtype).reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return total / target.ne(-100).sum().clamp_min(1)
 
 
-def _shares_embedding_weight(root: nn.Module, weight: torch.Tensor) -> bool:
-    return any(isinstance(m, nn.Embedding) and m.weight is weight for m in root.modules())
+def _check_blocks(blocks: list[LayerBlock], model: nn.Module, fmt: str) -> None:
+    """Refuse metadata whose blocks do not fit ``model``, or whose version-1 rows the fixes of version 2
+    changed (a tied weight missing a module, an embedding with ``padding_idx``)."""
+    root = unwrap_model(model)
+    modules = {clean_name(n): m for n, m in root.named_modules()}
+    owners = weight_owners(root)
+    for b in blocks:
+        module = modules.get(b.name)
+        weight = _weight(module) if module is not None else None
+        if weight is None or list(weight.shape) != b.original_shape:
+            raise UserFacingError(
+                f"metadata layer {b.name} {b.original_shape} does not exist in this model with that shape; "
+                "load the model the projection was made with"
+            )
+        users = owners[id(weight)]
+        if users[0] != b.name or users[1:] != list(b.tied_modules):
+            if fmt == FORMAT_V1:
+                raise UserFacingError(
+                    f"metadata format {fmt!r}: layer {b.name} was projected without {', '.join(users[1:])}, "
+                    f"which share its weight (a bug fixed in {FORMAT!r}); re-run the projection"
+                )
+            raise UserFacingError(
+                f"metadata layer {b.name} shares its weight with {b.tied_modules or 'no module'}, but in this "
+                f"model with {users[1:] or 'no module'}; load the model the projection was made with"
+            )
+        if fmt == FORMAT_V1 and getattr(module, "padding_idx", None) is not None:
+            raise UserFacingError(
+                f"metadata format {fmt!r}: embedding {b.name} has padding_idx={module.padding_idx}, whose row "
+                f"version 1 did not mask (fixed in {FORMAT!r}); re-run the projection"
+            )
 
 
 def resolve_proj_layers(args: Any, model: nn.Module) -> str:

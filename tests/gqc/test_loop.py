@@ -241,3 +241,19 @@ def test_microbatch_counts_are_not_read_on_the_host_before_the_forward():
     real["attention_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     items, tokens, samples = _counts(trainer, real)
     assert (float(items), float(tokens), samples) == (2.0, 6.0, 2.0)
+
+
+def test_window_scale_comes_from_the_one_mirror_of_hf_loss_scaling(tmp_path, monkeypatch):
+    """The loop's token-sum multiplier is hf_loss_multiplier(trainer, 1), the function the capture uses."""
+    from hf_gradext.integrations import loss as loss_integration
+
+    real, asked = loss_integration.hf_loss_multiplier, []
+
+    def recorder(trainer, num_items_in_batch, local_items=None):
+        asked.append(num_items_in_batch)
+        return real(trainer, num_items_in_batch, local_items)
+
+    monkeypatch.setattr(loss_integration, "hf_loss_multiplier", recorder)
+    trainer = _train(tmp_path, max_steps=1, gqc_threshold_start=0.0, gqc_max_microbatches=2)
+    assert asked and set(asked) == {1}
+    assert _step_logs(trainer)[0]["gqc/microbatches"] == 2

@@ -56,3 +56,19 @@ def test_shifts_labels_and_resolve():
     assert shifts_labels(model) and not shifts_labels(nn.Linear(2, 2))
     assert resolve_scale(None, model) is None
     assert isinstance(resolve_scale(ragged_batch(), model), LossScale)
+
+
+def test_shift_is_the_package_one_answer_and_resolve_follows_it():
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+
+    from hf_gradext.integrations import loss as loss_integration
+
+    assert shifts_labels is loss_integration.shifts_labels
+    batch = ragged_batch(lengths=(5, 3), prompt=0)  # position 0 supervised: shifting changes the counts
+    model = tiny_gpt2()
+    shifted = resolve_scale(batch, model).sample_scale
+    model.loss_function = ForMaskedLMLoss  # the model's own loss no longer shifts: neither do the counts
+    plain = resolve_scale(batch, model).sample_scale
+    assert torch.equal(shifted, LossScale.batch_mean(batch, shift=True).sample_scale)
+    assert torch.equal(plain, LossScale.batch_mean(batch, shift=False).sample_scale)
+    assert not torch.equal(shifted, plain)

@@ -106,7 +106,8 @@ class _FakeAccelerator:
 class _FakeTrainer:
     """Just the attributes hf_trainer_loss_scale reads (a DDP rank's view)."""
 
-    def __init__(self, world: int, average: bool) -> None:
+    def __init__(self, world: int, average: bool, tp: int = 1) -> None:
+        self.tp = tp
         self.args = type("A", (), {"n_gpu": 1, "average_tokens_across_devices": average})()
         self.accelerator = _FakeAccelerator(world)
         self.model = tiny_gpt2(True, dtype=torch.float32)
@@ -117,16 +118,35 @@ class _FakeTrainer:
         self.current_gradient_accumulation_steps = 2
 
     def get_tp_size(self) -> int:
-        return 1
+        return self.tp
 
 
-@pytest.mark.parametrize("world,average", [(1, True), (4, True), (4, False)])
-def test_loss_scale_world_size(world, average):
+@pytest.mark.parametrize("world,average,tp", [(1, True, 1), (4, True, 1), (4, False, 1), (4, True, 2)])
+def test_loss_scale_world_size(world, average, tp):
     labels = torch.tensor([[-100, 5, 6, 7], [-100, 5, -100, -100]])
-    scale = hf_trainer_loss_scale(_FakeTrainer(world, average), {"labels": labels}, torch.tensor(40))
-    # loss = S_mb / 40 * (world if average): sample i's factor is 40 / (n_i * world)
-    mult = world if average else 1
+    scale = hf_trainer_loss_scale(_FakeTrainer(world, average, tp), {"labels": labels}, torch.tensor(40))
+    # loss = S_mb / 40 * (world // tp if average): sample i's factor is 40 / (n_i * world // tp)
+    mult = world // tp if average else 1
     assert torch.allclose(
         scale.sample_scale, torch.tensor([40 / 3 / mult, 40 / 1 / mult], dtype=torch.float64)
     )
     assert isinstance(scale, LossScale)
+
+
+def test_loss_scale_inverts_the_one_mirror_of_hf_scaling(monkeypatch):
+    """hf_trainer_loss_scale is 1 / (c n_i) with c = hf_loss_multiplier (what the GQC loop uses too)."""
+    from hf_gradext.grad import observer
+
+    asked = []
+
+    def fake(trainer, num_items_in_batch, local_items=None):
+        asked.append((num_items_in_batch, int(local_items)))
+        return 0.25
+
+    monkeypatch.setattr(observer, "hf_loss_multiplier", fake)
+    labels = torch.tensor([[-100, 5, 6, 7], [-100, 5, -100, -100]])
+    scale = hf_trainer_loss_scale(_FakeTrainer(1, False), {"labels": labels}, 40)
+    assert asked == [(40, 4)]
+    assert torch.allclose(
+        scale.sample_scale, torch.tensor([1 / (0.25 * 3), 1 / (0.25 * 1)], dtype=torch.float64)
+    )

@@ -1,7 +1,10 @@
+import pytest
 import torch
 
+from hf_gradext.grad.factors import Dense, Outer, materialize
 from hf_gradext.projection.kronecker import (
     naive_project,
+    project_contribution,
     project_dense,
     project_embedding,
     project_tied_head,
@@ -75,3 +78,31 @@ def test_two_dim_inputs_treated_as_single_token():
     torch.testing.assert_close(
         project_dense(a[:, 0], g[:, 0], p_in, p_out), project_dense(a[:, :1], g[:, :1], p_in, p_out)
     )
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("index", [False, True], ids=["dense", "index"])
+def test_registry_contributions_match_naive_float64(layout, index):
+    """Every Outer / Dense term, in the parameter's own [m, n] layout, against its materialized gradient."""
+    m, n = 11, 6
+    gen = torch.Generator().manual_seed(5)
+    u = torch.randint(0, m, (B, T), generator=gen) if index else torch.randn(B, T, m, generator=gen).double()
+    v = torch.randn(B, T, n, generator=gen, dtype=torch.float64)
+    v[2, 4:] = 0  # padding rows
+    d_in, d_out = (n, m) if layout == "out_in" else (m, n)
+    p_in, p_out = make_factors("w", d_in, d_out, 4, 3, seed=6)
+    outer = Outer(u=u, v=v, m=m)
+    grad = materialize(outer)
+    grad = grad.to_dense() if index else grad  # (B, m, n)
+    ref = naive_project(grad, p_in, p_out, layout)
+    for c in (outer, Dense(grad)):
+        out = project_contribution(c, p_in, p_out, layout)
+        assert out.shape == (B, 12) and (out - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_bias_contributions_are_refused():
+    p_in, p_out = make_factors("b", 4, 3, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="only 2-D weights"):
+        project_contribution(Outer(u=torch.randn(B, T, 3), v=None, m=3), p_in, p_out, "out_in")
+    with pytest.raises(ValueError, match="layout"):
+        naive_project(torch.zeros(B, 3, 4), p_in, p_out, "rows")
