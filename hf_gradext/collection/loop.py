@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hf_gradext.integrations.loss import shifts_labels
+
 # Batch keys that are bookkeeping, not model inputs.
 NON_MODEL_KEYS = ("example_id",)
 
@@ -54,11 +56,13 @@ def loop_per_sample_gradients(
         n: torch.zeros((batch_size, *params[n].shape), dtype=dtype, device=params[n].device) for n in names
     }
     device_type = params[names[0]].device.type if names else "cpu"
+    shift = shifts_labels(model)  # which label positions the model's own loss counts
     with torch.autocast(device_type=device_type, enabled=False):
         for i in range(batch_size):
             sample = slice_batch(batch, slice(i, i + 1), batch_size)
             labels = sample.get("labels")
-            if labels is not None and not bool((labels[:, 1:] != -100).any()):
+            targets = labels[:, 1:] if shift and labels is not None else labels
+            if labels is not None and not bool((targets != -100).any()):
                 continue  # no supervised token: zero gradient (HF would return NaN)
             loss = model(**sample).loss
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
