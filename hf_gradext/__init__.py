@@ -16,7 +16,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"GradExtArguments": "hf_gradext.arguments", "GradExtTrainer": "hf_gradext.trainer"}
+_LAZY = {
+    "GradExtArguments": "hf_gradext.arguments",
+    "GradExtTrainer": "hf_gradext.trainer",
+    "GradExtSFTConfig": "hf_gradext.arguments.sft",  # these two import trl (docs/trl.md)
+    "GradExtSFTTrainer": "hf_gradext.trainer",
+}
 _TEXT_ONLY_ARGS = ("-h", "--help", "-V", "--version")
 
 
@@ -40,4 +45,4 @@ def __getattr__(name: str) -> Any:
 if not _cli_prints_text_only(sys.argv):
     import hf_gradext.patches  # noqa: F401  (registers model_type gpt2_gradext with the Auto classes)
 
-__all__ = ["GradExtArguments", "GradExtTrainer", "__version__"]
+__all__ = ["GradExtArguments", "GradExtSFTConfig", "GradExtSFTTrainer", "GradExtTrainer", "__version__"]

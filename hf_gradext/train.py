@@ -13,18 +13,25 @@ import os
 import sys
 from typing import Any
 
-from hf_gradext.checkpoints import TRAINER_STATE_FILE, is_complete_checkpoint, newest_complete_checkpoint
+from hf_gradext.checkpoints import (
+    TRAINER_STATE_FILE,
+    is_complete_checkpoint,
+    newest_complete_checkpoint,
+    verify_checkpoint,
+)
 from hf_gradext.errors import UserFacingError
 
 logger = logging.getLogger("hf_gradext.train")
 _RESUME_LATEST = ("true", "latest", "last")
 
 
-def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
-    """``--resume_from_checkpoint``: a path, or ``True``/``latest`` for the newest complete ``checkpoint-*``.
+def resolve_checkpoint(resume: str | None, output_dir: str, gqc: bool = False) -> str | None:
+    """``--resume_from_checkpoint``: a path, or ``True``/``latest`` for the newest complete ``checkpoint-*``,
+    verified (:func:`hf_gradext.checkpoints.verify_checkpoint`; ``gqc``: it must hold a GQC state).
 
     Raises:
-        UserFacingError: the path does not exist or was not fully saved, or ``latest`` finds no checkpoint.
+        UserFacingError: the path does not exist or was not fully saved, ``latest`` finds no checkpoint, or a
+            file of the checkpoint is damaged (named, with the fix).
     """
     if resume is None or str(resume).lower() in ("false", "none", ""):
         return None
@@ -35,6 +42,7 @@ def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
                 f"--resume_from_checkpoint {resume}: no complete checkpoint-* directory in --output_dir "
                 f"{output_dir!r}; pass a checkpoint path or train without resuming first"
             )
+        verify_checkpoint(last, gqc=gqc)
         return last
     if not os.path.isdir(resume):
         raise UserFacingError(
@@ -45,6 +53,7 @@ def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
             f"--resume_from_checkpoint {resume!r} was not fully saved (no readable {TRAINER_STATE_FILE}: the "
             "run was stopped while saving); pass an earlier checkpoint or 'latest'"
         )
+    verify_checkpoint(resume, gqc=gqc)
     return resume
 
 
@@ -52,6 +61,66 @@ def _check_output_dir(output_dir: str) -> None:
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserFacingError(
             f"--output_dir {output_dir!r} is a file, not a directory; pass a directory path"
+        )
+
+
+def check_output_dirs(args: Any, checkpoint: str | None) -> None:
+    """Every directory the run will write, probed now (a read-only or full disk fails here, before the
+    model or the data are loaded), and the row directories held to the output-directory policy's cheap part
+    (a fresh run into another run's rows refuses now, not after tokenization).
+
+    Raises:
+        UserFacingError: naming the directory's flag and the fix.
+    """
+    from hf_gradext.store.disk import probe_writable
+    from hf_gradext.store.policy import refuse_fresh_into_rows
+
+    _check_output_dir(args.output_dir)
+    probe_writable(args.output_dir, "--output_dir")  # creates nothing: a refused run leaves no directory
+    mode = (
+        "overwrite" if getattr(args, "overwrite_output_dir", False) else "resume" if checkpoint else "fresh"
+    )
+    for out in _row_dirs(args):
+        probe_writable(out.path, out.flag)
+        refuse_fresh_into_rows(out, mode)
+
+
+def _row_dirs(args: Any) -> list[Any]:
+    """The row directories this run's callbacks will write (under the output-directory policy)."""
+    found = []
+    if (
+        getattr(args, "collect_gradients", False)
+        and getattr(args, "gradient_collection_save", "stats") != "stats"
+    ):
+        from hf_gradext.arguments.collection import resolve_collection_dir
+        from hf_gradext.collection.sink import collection_output
+
+        found.append(collection_output(resolve_collection_dir(args)))
+    if getattr(args, "project_gradients", False):
+        from hf_gradext.callbacks.projection import PROJ_DIR_FLAG, projection_dir
+        from hf_gradext.projection.io import projection_output
+        from hf_gradext.store.policy import OVERWRITE_OUTPUT_DIR, RESUME_FROM_CHECKPOINT
+
+        found.append(
+            projection_output(
+                projection_dir(args), PROJ_DIR_FLAG, OVERWRITE_OUTPUT_DIR, RESUME_FROM_CHECKPOINT
+            )
+        )
+    return found
+
+
+def check_data_flags(args: Any, has_eval: bool) -> None:
+    """Flags that need an evaluation set, checked on the raw splits (before the long tokenization)."""
+    if args.early_stopping_patience is not None and not has_eval:
+        raise UserFacingError(
+            "--early_stopping_patience needs an evaluation set; set --validation_split_percentage > 0 "
+            "or pass --validation_file"
+        )
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if not has_eval and strategy != "no":
+        raise UserFacingError(
+            f"--eval_strategy {strategy} needs an evaluation set; set --validation_split_percentage > 0, "
+            f"pass --validation_file, or use --eval_strategy no"
         )
 
 
@@ -99,13 +168,18 @@ def check_model_flags(args: Any, model: Any) -> None:
         from hf_gradext.projection.projector import projector_from_args
 
         projector_from_args(model, args).close()
+    probe = getattr(args, "gradient_collection_probe_file", None)
+    if getattr(args, "collect_gradients", False) and probe:
+        from hf_gradext.collection.separate import read_probe_texts
+
+        read_probe_texts(probe)  # a malformed probe file fails now, not when the trainer is built
 
 
 def run(args: Any) -> dict[str, float]:
     """Train (and evaluate) with already parsed ``GradExtArguments``; returns the combined metrics."""
     from transformers import EarlyStoppingCallback, default_data_collator, set_seed
 
-    from hf_gradext.data import build_datasets, load_tokenizer
+    from hf_gradext.data import build_datasets, load_raw_datasets, load_tokenizer
     from hf_gradext.hub import check_sources
     from hf_gradext.metrics import (
         build_compute_metrics,
@@ -114,10 +188,13 @@ def run(args: Any) -> dict[str, float]:
         preprocess_logits_for_metrics,
     )
     from hf_gradext.models import build_config, load_model, resolve_block_size
+    from hf_gradext.store import disk_errors
     from hf_gradext.trainer import GradExtTrainer
 
     _check_output_dir(args.output_dir)
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    gqc = getattr(args, "gqc", "none") not in (None, "none")
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, gqc=gqc)
+    check_output_dirs(args, checkpoint)
     _setup_logging(args)
     check_sources(args)  # missing local folders, a Hub dataset with the Hub unreachable: before any loading
     set_seed(args.seed)
@@ -131,7 +208,9 @@ def run(args: Any) -> dict[str, float]:
     model = load_model(args, tokenizer, config)
     check_model_flags(args, model)
     with args.main_process_first(desc="datasets"):
-        train_ds, eval_ds = build_datasets(args, tokenizer, block_size=block_size)
+        raw = load_raw_datasets(args)
+        check_data_flags(args, has_eval=raw["validation"] is not None)
+        train_ds, eval_ds = build_datasets(args, tokenizer, block_size=block_size, raw=raw)
         metric = load_metric("token_accuracy") if eval_ds is not None else None
     logger.info(
         "blocks of %d tokens: %d train, %s eval", block_size, len(train_ds), len(eval_ds) if eval_ds else 0
@@ -139,17 +218,8 @@ def run(args: Any) -> dict[str, float]:
 
     callbacks = []
     if args.early_stopping_patience is not None:
-        if eval_ds is None:
-            raise UserFacingError(
-                "--early_stopping_patience needs an evaluation set; set --validation_split_percentage > 0 "
-                "or pass --validation_file"
-            )
+        check_data_flags(args, has_eval=eval_ds is not None)
         callbacks.append(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
-    if eval_ds is None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
-        raise UserFacingError(
-            f"--eval_strategy {args.eval_strategy.value} needs an evaluation set; set --validation_split_percentage > 0, "
-            f"pass --validation_file, or use --eval_strategy no"
-        )
 
     trainer = GradExtTrainer(
         model=model,
@@ -164,12 +234,13 @@ def run(args: Any) -> dict[str, float]:
     )
 
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # model + tokenizer (processing_class)
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(train_ds)
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    with disk_errors(args.output_dir, "--output_dir", "saving the final model to"):
+        trainer.save_model()  # model + tokenizer (processing_class)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
     all_metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in metrics.items()}
 
     if eval_ds is not None:
@@ -177,7 +248,8 @@ def run(args: Any) -> dict[str, float]:
         eval_metrics["eval_samples"] = len(eval_ds)
         eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
         trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
+        with disk_errors(args.output_dir, "--output_dir", "saving the evaluation metrics to"):
+            trainer.save_metrics("eval", eval_metrics)
         all_metrics.update(eval_metrics)
     if not all(math.isfinite(v) for v in all_metrics.values() if isinstance(v, float)):
         logger.warning("some metrics are not finite: %s", all_metrics)

@@ -10,24 +10,38 @@ It owns four things and nothing else:
   ``GradExtArguments`` flags switch on;
 * bookkeeping batch columns (``example_id``): kept in the batch for the microbatch observers when a
   per-sample consumer is on, and stripped before every model forward (training, evaluation,
-  prediction), since the model must never see them.
+  prediction), since the model must never see them;
+* checkpoints it can trust: each save records the checksums of its files (:mod:`hf_gradext.checkpoints`),
+  a resume verifies them first, a save that fails on a full / read-only disk is one line naming
+  ``--output_dir`` (the half-written folder removed), and a run resumed at or past ``--max_steps`` takes no
+  further step (HF's loop would take one before checking).
 
 The private Trainer internals this needs (``_signature_columns``, the GQC hooks) go through
 :mod:`hf_gradext.integrations.trainer`; with ``--gqc`` on, construction checks that transformers still
 calls every overridden hook (and refuses DeepSpeed / FSDP), and every training microbatch checks that it
 runs inside the GQC loop.
+
+``GradExtSFTTrainer`` (TRL's ``SFTTrainer`` with all of the above, docs/trl.md) is built on first access
+of ``hf_gradext.trainer.GradExtSFTTrainer``: importing this module does not import trl.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
+import shutil
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 from transformers import Trainer
 
+from hf_gradext.errors import UserFacingError
 from hf_gradext.integrations import trainer as trainer_internals
+from hf_gradext.store.disk import DiskError, disk_error, is_disk_error
+
+logger = logging.getLogger(__name__)
 
 # "module:function" factories; each takes the trainer and returns a TrainerCallback or None.
 # Kept as strings so a feature module is imported only when the trainer is built.
@@ -120,6 +134,10 @@ class GradExtTrainer(Trainer):
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            from hf_gradext.checkpoints import verify_checkpoint
+
+            verify_checkpoint(resume_from_checkpoint, gqc=self._gqc_on)  # before anything is loaded from it
         self._gqc_run = None  # built anew by this call's set_initial_training_values (the loop checks it)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -161,6 +179,16 @@ class GradExtTrainer(Trainer):
             from hf_gradext.gqc.loop import run_gqc_epoch
 
             return run_gqc_epoch(self, *args, **kwargs)
+        if 0 < self.state.max_steps <= self.state.global_step:
+            # Resumed from a checkpoint at (or past) --max_steps: HF's epoch loop would take a step before
+            # its first max_steps check.
+            logger.info(
+                "global step %d reached --max_steps %d: no step taken",
+                self.state.global_step,
+                self.state.max_steps,
+            )
+            self.control.should_training_stop = True
+            return None
         return super()._run_epoch(*args, **kwargs)
 
     def set_initial_training_values(self, args, dataloader):
@@ -187,11 +215,36 @@ class GradExtTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model, trial) -> None:
-        if self._gqc_on:
-            from hf_gradext.gqc.run import save_state
+        from hf_gradext.checkpoints import write_manifest
 
-            save_state(self, trial)
-        super()._save_checkpoint(model, trial)
+        folder = os.path.join(
+            trainer_internals.output_dir(self, trial), f"checkpoint-{self.state.global_step}"
+        )
+        try:
+            if self._gqc_on:
+                from hf_gradext.gqc.run import save_state
+
+                save_state(self, trial)
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_manifest(folder)
+        except DiskError:
+            self._discard_checkpoint(folder)
+            raise
+        except Exception as exc:  # torch: RuntimeError "file write failed"; safetensors: IoError; OSError
+            if not is_disk_error(exc):
+                raise
+            self._discard_checkpoint(folder)
+            error = disk_error(
+                self.args.output_dir, "--output_dir", exc, f"saving {os.path.basename(folder)} to"
+            )
+            raise DiskError(f"{error} (earlier checkpoints are intact)") from exc
+
+    def _discard_checkpoint(self, folder: str) -> None:
+        """Remove a checkpoint folder whose save failed: incomplete, it only holds the space the run needs."""
+        if self.args.should_save and os.path.isdir(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("removed %s: its save failed", folder)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._gqc_on:
@@ -199,3 +252,127 @@ class GradExtTrainer(Trainer):
 
             decorate_logs(self, logs)
         super().log(logs, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ TRL SFTTrainer
+def __getattr__(name: str) -> Any:
+    # GradExtSFTTrainer subclasses trl.SFTTrainer. It is built on first access, so importing this module
+    # (GradExtTrainer, ``import hf_gradext``) never imports trl.
+    if name == "GradExtSFTTrainer":
+        cls = _build_sft_trainer()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build_sft_trainer() -> type:
+    from trl import SFTTrainer
+
+    from hf_gradext.arguments import sft as sft_arguments
+    from hf_gradext.integrations import trl as trl_integration
+
+    class GradExtSFTTrainer(GradExtTrainer, SFTTrainer):
+        """TRL's ``SFTTrainer`` with hf_gradext's GQC, per-sample gradients and projection (docs/trl.md).
+
+        Takes ``SFTTrainer``'s arguments, with a :class:`~hf_gradext.arguments.sft.GradExtSFTConfig` as
+        ``args``. With ``--collect_gradients`` / ``--project_gradients`` on, a train dataset without an
+        ``example_id`` column gets one (its row index) before TRL prepares it, and the collator keeps it
+        in the batch. Packing and padding-free are refused then (several examples per row), and so are
+        layer selections that include the LM head or an embedding tied to it in the training backward
+        (TRL's fused LM head never calls the ``lm_head`` module).
+        """
+
+        def __init__(
+            self,
+            model: Any,
+            args: Any = None,
+            data_collator: Any = None,
+            train_dataset: Any = None,
+            *more: Any,
+            **kwargs: Any,
+        ) -> None:
+            args = sft_arguments.resolve_sft_args(model, args)
+            sft_arguments.refuse_packed_rows(args)  # checked at parse time too; args may have changed since
+            model = _apply_patch_flags(model, args)
+            if sft_arguments.per_sample_flags(args):
+                train_dataset = trl_integration.with_example_ids(train_dataset)
+            super().__init__(model, args, data_collator, train_dataset, *more, **kwargs)
+            if self._per_sample_on:
+                trl_integration.check_example_ids_kept(self.train_dataset)
+                self.data_collator = trl_integration.ExampleIdCollator(self.data_collator)
+            self._check_loss_convention()
+            self._refuse_bypassed_lm_head()
+
+        def _check_loss_convention(self) -> None:
+            # SFTTrainer divides the token sum by num_items_in_batch whenever it gets one; HF's Trainer (and
+            # so hf_gradext's mirror of the scale) assumes that only when the model takes loss kwargs.
+            if not (self._gqc_on or self._per_sample_on):
+                return
+            if not trainer_internals.model_accepts_loss_kwargs(self):
+                raise UserFacingError(
+                    f"GradExtSFTTrainer: transformers does not pass loss kwargs to {type(self.model).__name__}"
+                    ".forward, so SFTTrainer's loss scale differs from HF's and GQC / per-sample gradients "
+                    "would be mis-scaled; use a model whose forward takes **kwargs"
+                )
+
+        def _refuse_bypassed_lm_head(self) -> None:
+            engines = self._training_capture_engines()
+            if not engines or not trl_integration.lm_head_bypassed(self.model):
+                return
+            for flag, engine in engines.items():
+                names = trl_integration.bypassed_modules(self.model, engine.modules)
+                if names:
+                    for other in engines.values():
+                        other.remove()  # the trainer is not built: leave no hooks on the user's model
+                    raise UserFacingError(
+                        f"{flag} selects {', '.join(names)}, but SFTTrainer's fused LM head never calls the "
+                        "lm_head module, so their per-sample gradients would miss its part; exclude them "
+                        f"({EXCLUDE_LM_HEAD[flag]})"
+                    )
+
+        def _training_capture_engines(self) -> dict[str, Any]:
+            """``{flag that selects its layers: engine}`` of the consumers hooked into the training backward."""
+            if not self._per_sample_on:
+                return {}
+            from hf_gradext.callbacks.collection import PerSampleGradientCallback
+            from hf_gradext.callbacks.projection import GradientProjectionCallback
+
+            engines: dict[str, Any] = {}
+            for callback in self.callback_handler.callbacks:
+                # Separate-mode collection runs its own plain forward, which does call lm_head.
+                if isinstance(callback, PerSampleGradientCallback) and callback.mode == "training":
+                    engines["--gradient_collection_layers"] = callback.engine
+                elif isinstance(callback, GradientProjectionCallback):
+                    engines["--proj_layers"] = callback.engine
+            return engines
+
+    GradExtSFTTrainer.__module__ = __name__
+    return GradExtSFTTrainer
+
+
+# How to leave the LM head out of each selection (for the fused-LM-head refusal).
+EXCLUDE_LM_HEAD: dict[str, str] = {
+    "--gradient_collection_layers": "e.g. --gradient_collection_layers attn,mlp,norm, or "
+    "--gradient_collection_mode separate",
+    "--proj_layers": "e.g. --proj_layers mlp,attn without --include_embeddings",
+}
+
+
+def _apply_patch_flags(model: Any, args: Any) -> Any:
+    """Apply the GPT-2 patches ``args`` asks for explicitly to a loaded model (as ``hf-gradext train`` does).
+
+    Without an explicit patch flag the user's model is left as it is.
+    """
+    from hf_gradext.arguments.sft import explicit_patch_flags
+
+    flags = explicit_patch_flags(args)
+    if not flags:
+        return model
+    if isinstance(model, str):
+        raise UserFacingError(
+            f"{', '.join(flags)} patch a loaded model, but GradExtSFTTrainer got the model id {model!r}; load it "
+            "first (AutoModelForCausalLM.from_pretrained) and pass the model"
+        )
+    from hf_gradext.patches import apply_from_args
+
+    return apply_from_args(args, model)

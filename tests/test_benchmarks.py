@@ -40,6 +40,11 @@ CASES = {  # script -> (extra flags, environment, variants the CSV must hold)
     ),
     "bench_gqc_overhead.py": ([], {"BENCH_REPEATS": "1"}, {"stock", "gqc_sbc", "gqc_gnts"}),
     "bench_cli_startup.py": (["--reps", "1"], {}, {"help", "version", "train_help"}),
+    "gqc_pareto.py": (
+        ["--smoke"],
+        {},
+        {"ga1_lr1/all", "sbc_to4_sqrt/all", "gns_sample_tol4_sqrt/all", "seesaw_k1_cap4/all"},
+    ),
     "gqc_quality.py": (
         [],
         {

@@ -114,6 +114,15 @@ ds, _ = build_datasets(_args, tok, block_size=32)
             "gpt2_models.uninstall_class_level_patches(); mask_cache.uninstall_mask_cache()\n"
         ),
     ),
+    '# model: a causal LM, tokenizer: its tokenizer, train: a datasets.Dataset with a "text" column': Snippet(
+        prelude=TINY_MODEL_PRELUDE
+        + """
+import datasets
+tokenizer = tok
+train = datasets.Dataset.from_dict({"text": open("train.txt").read().split("\\n\\n")[:8]})
+""",
+        subs={"packing=False)": "packing=False, max_steps=2, report_to=[], use_cpu=True, max_length=32)"},
+    ),
 }
 
 

@@ -125,8 +125,11 @@ def test_resume_errors(tmp_path):
 
 
 def _fake_checkpoint(path, complete: bool, state_text: str = '{"global_step": 1}'):
+    import torch
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"weights")
+    save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))  # a checkpoint passes verification
     if complete:
         (path / "trainer_state.json").write_text(state_text)
 

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from hf_gradext.errors import UserFacingError
+from hf_gradext.store import disk_errors, read_json
 
 
 def find_trainer_state(run_dir: str) -> str:
@@ -117,10 +118,12 @@ def main(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     try:
         path = find_trainer_state(ns.run_dir)
-        with open(path) as fh:
-            history = json.load(fh).get("log_history", [])
+        state = read_json(path, "pass another checkpoint-* folder of the run, or the run's --output_dir")
+        history = state.get("log_history", []) if isinstance(state, dict) else []
         summary = summarize(history)
-        paths = plot(history, ns.out or os.path.join(ns.run_dir, "gqc_analysis"))
+        out = ns.out or os.path.join(ns.run_dir, "gqc_analysis")
+        with disk_errors(out, "--out", "writing the plots to"):
+            paths = plot(history, out)
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -67,6 +67,9 @@ def main(argv: list[str]) -> int:
         return 0
     out = Path(args.out) if args.out else Path(args.directory) / "analysis"
     from hf_gradext.analysis.plots import heatmap
+    from hf_gradext.store import ensure_writable_dir
+
+    ensure_writable_dir(out, "--out")  # before the plots are computed
 
     layers, step_list, mat = norms_over_steps(data)
     written = [

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,16 +182,18 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     from hf_gradext.projection.io import write_json_atomic
+    from hf_gradext.store import disk_errors, ensure_writable_dir
+    from hf_gradext.store.disk import probe_writable
 
     try:
         args = _parser().parse_args(argv)
+        probe_writable(args.output_dir, "--output_dir")  # before the analysis, creating nothing
         report = analyze(args)
+        out = ensure_writable_dir(args.output_dir, "--output_dir")
+        write_json_atomic(out / f"{args.name}.json", report, flag="--output_dir")
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / f"{args.name}.json", report)
     curves = {
         "dot error / (|g_i||g_j|)": summarize(report["results"], "normalized_dot_rmse"),
         "cosine RMSE": summarize(report["results"], "cosine_rmse"),
@@ -202,9 +203,10 @@ def main(argv: list[str]) -> int:
         curves["dense Gaussian: dot error / (|g_i||g_j|)"] = [
             (r["dim"], r["dense_gaussian"]["normalized_dot_rmse"]) for r in dense
         ]
-    paths = plot_error_vs_dimension(
-        curves, out / args.name, f"projection error vs dimension ({args.reference_kind})"
-    )
+    with disk_errors(out, "--output_dir", "writing the plots to"):
+        paths = plot_error_vs_dimension(
+            curves, out / args.name, f"projection error vs dimension ({args.reference_kind})"
+        )
     for r in report["results"]:
         print(
             f"D={r['dim']:>7}  dot err/|g||g| {r['normalized_dot_rmse']:.4g}  cosine RMSE {r['cosine_rmse']:.4g}"

@@ -14,6 +14,7 @@ from hf_gradext.arguments.gqc import GQCArguments
 from hf_gradext.arguments.model import ModelDataArguments
 from hf_gradext.arguments.patches import PatchesArguments
 from hf_gradext.arguments.projection import ProjectionArguments
+from hf_gradext.arguments.ranges import check_training_ranges
 
 
 @dataclass
@@ -30,7 +31,9 @@ class GradExtArguments(
     command line through ``HfArgumentParser`` (see :func:`hf_gradext.cli`)."""
 
     def __post_init__(self) -> None:
-        # Our own checks first: they are cheap and give the clearer message.
+        # Our own checks first: they are cheap and give the clearer message. HF's numeric flags are
+        # range-checked here too (HF itself accepts --max_steps -3 and batch size 0).
+        check_training_ranges(self)
         self._validate_model_data()
         self._validate_gqc()
         self._validate_collection()

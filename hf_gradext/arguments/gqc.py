@@ -6,6 +6,9 @@ What each controller reads from ``--gqc_threshold_start/_end`` (the scheduled va
   running single-microbatch gradient norm with ``--gqc_threshold_mode relative``);
 * ``sbc``: the logical batch size in samples (summed over ranks);
 * ``gns``: the noise tolerance (step when the noise statistic <= microbatches * tolerance);
+* ``gns_sample``: the noise tolerance (step when B_simple / N_eff <= tolerance, from per-sample norms);
+* ``seesaw``: the first window's size in microbatches (an integer; doubled where the LR would halve,
+  see :mod:`hf_gradext.gqc.lr_coupling`); the end value and schedule are not read;
 * ``mht``: the percent-error bound of the loss confidence interval (``--gqc_mht_confidence``).
 """
 
@@ -14,10 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from hf_gradext.arguments.ranges import NON_NEGATIVE, POSITIVE_INT, Range, check_ranges
 from hf_gradext.errors import UserFacingError
 
-GQC_CONTROLLERS = ("none", "gnts", "sbc", "gns", "mht")
-GQC_SCHEDULES = ("constant", "cosine", "linear", "polynomial")
+GQC_CONTROLLERS = ("none", "gnts", "sbc", "gns", "gns_sample", "seesaw", "mht")
+GQC_SCHEDULES = ("constant", "cosine", "half_cosine", "quarter_cosine", "linear", "polynomial")
+GQC_LR_COUPLINGS = ("none", "sqrt", "linear")
 
 # HF LR schedulers stepped with an eval metric by HF's evaluation (not once per optimizer step). They
 # work with --gqc unchanged: the GQC loop reaches HF's evaluation, which steps them as HF's loop would.
@@ -37,6 +42,24 @@ FSDP_REFUSAL = (
 )
 
 
+GQC_RANGES: dict[str, Range] = {
+    "gqc_max_microbatches": POSITIVE_INT,
+    "gqc_threshold_start": NON_NEGATIVE,
+    "gqc_threshold_end": NON_NEGATIVE,
+    "gqc_schedule_power": Range(low=0, low_open=True),
+    "gqc_relative_ema": Range(low=0, high=1, low_open=True),
+    "gqc_warmup_ratio": Range(low=0, high=1, high_open=True),
+    "gqc_warmup_steps": NON_NEGATIVE,
+    "gqc_warmup_multiplier": Range(low=0, low_open=True),
+    "gqc_microbatch_budget": NON_NEGATIVE,
+    "gqc_token_budget": NON_NEGATIVE,
+    "gqc_mht_confidence": Range(low=0, high=1, low_open=True, high_open=True),
+    "gqc_mht_beta": Range(low=0, high=1, low_open=True),
+    "gqc_gns_ema": Range(low=0, high=1, low_open=True),
+    "gqc_lr_coupling_k0": NON_NEGATIVE,
+}
+
+
 def _env_flag(name: str) -> bool:
     """An ``accelerate launch`` switch (``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP``)."""
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
@@ -50,7 +73,8 @@ class GQCArguments:
         metadata={
             "help": "Gradient quality control: decide after every microbatch whether to step the optimizer "
             "(gnts: mean-gradient norm threshold; sbc: scheduled logical batch size; gns: gradient noise "
-            "scale; mht: loss hypothesis test). 'none' keeps HF's fixed accumulation.",
+            "scale; gns_sample: noise scale from per-sample gradient norms; seesaw: window doubles where "
+            "the LR would halve; mht: loss hypothesis test). 'none' keeps HF's fixed accumulation.",
             "choices": list(GQC_CONTROLLERS),
         },
     )
@@ -129,6 +153,53 @@ class GQCArguments:
     gqc_mht_beta: float = field(
         default=0.01, metadata={"help": "mht: update weight of the running loss mean (0 < x <= 1)."}
     )
+    gqc_gns_ema: float = field(
+        default=1.0,
+        metadata={
+            "help": "gns_sample: weight of the current window in the tr(Sigma) and |G|^2 estimates "
+            "(0 < x <= 1); below 1 blends in an EMA of the previous windows' estimates. 1.0: the window alone."
+        },
+    )
+    # ---- LR coupled to the window size (docs/gqc.md, hf_gradext/gqc/lr_coupling.py)
+    gqc_lr_coupling: str = field(
+        default="none",
+        metadata={
+            "help": "Scale each step's LR by the window size k it closes: sqrt -> lr x sqrt(k/k0), linear -> "
+            "lr x k/k0 (k0: --gqc_lr_coupling_k0). 'none' keeps the scheduler's LR.",
+            "choices": list(GQC_LR_COUPLINGS),
+        },
+    )
+    gqc_lr_coupling_k0: int = field(
+        default=0,
+        metadata={
+            "help": "Reference window size (microbatches) of --gqc_lr_coupling; 0 = the run's first window."
+        },
+    )
+
+    def _validate_lr_coupling(self) -> None:
+        """``--gqc_lr_coupling`` and ``--gqc seesaw``: what scales a step's LR, and what it needs."""
+        if self.gqc_lr_coupling not in GQC_LR_COUPLINGS:
+            raise UserFacingError(
+                f"--gqc_lr_coupling {self.gqc_lr_coupling!r} is unknown; choose one of {', '.join(GQC_LR_COUPLINGS)}"
+            )
+        if self.gqc_lr_coupling != "none" and self.gqc in ("none", "seesaw"):
+            raise UserFacingError(
+                f"--gqc_lr_coupling {self.gqc_lr_coupling} needs an adaptive --gqc controller (seesaw sets its "
+                "own LR; fixed accumulation: scale --learning_rate instead); drop it or pick gnts/sbc/gns/gns_sample/mht"
+            )
+        if self.gqc != "seesaw":
+            return
+        k0 = self.gqc_threshold_start
+        if not (float(k0).is_integer() and 1 <= k0 <= self.gqc_max_microbatches):
+            raise UserFacingError(
+                f"--gqc seesaw reads --gqc_threshold_start as the first window's size in microbatches; "
+                f"set an integer in [1, --gqc_max_microbatches {self.gqc_max_microbatches}], got {k0}"
+            )
+        if getattr(self, "lr_scheduler_type", None) in METRIC_SCHEDULERS:
+            raise UserFacingError(
+                f"--gqc seesaw doubles the window where the LR schedule halves; --lr_scheduler_type "
+                f"{self.lr_scheduler_type} has no schedule over data: use cosine, linear, ..."
+            )
 
     def _validate_gqc(self) -> None:
         if self.gqc not in GQC_CONTROLLERS:
@@ -137,6 +208,9 @@ class GQCArguments:
             )
         if self.gqc_threshold_end is None:
             self.gqc_threshold_end = self.gqc_threshold_start
+        # Ranges first, with --gqc none too: a value outside its range is a mistake whether or not it is used.
+        check_ranges(self, GQC_RANGES)
+        self._validate_lr_coupling()
         if self.gqc == "none":
             return
         if self.gqc_schedule not in GQC_SCHEDULES:
@@ -149,32 +223,11 @@ class GQCArguments:
             raise UserFacingError(
                 "--gqc_threshold_mode relative applies to --gqc gnts only; drop it or use gnts"
             )
-        if not 0 < self.gqc_relative_ema <= 1:
-            raise UserFacingError("--gqc_relative_ema must be in (0, 1]")
-        if self.gqc_max_microbatches < 1:
-            raise UserFacingError("--gqc_max_microbatches must be >= 1")
-        if self.gqc_threshold_start < 0 or self.gqc_threshold_end < 0:
-            raise UserFacingError("--gqc_threshold_start/--gqc_threshold_end must be >= 0")
         if self.gqc == "sbc" and min(self.gqc_threshold_start, self.gqc_threshold_end) < 1:
             raise UserFacingError(
                 "--gqc sbc reads --gqc_threshold_start/--gqc_threshold_end as a logical batch size in samples; "
                 "set them >= 1"
             )
-        if not 0 <= self.gqc_warmup_ratio < 1:
-            raise UserFacingError("--gqc_warmup_ratio must be in [0, 1)")
-        if self.gqc_warmup_steps < 0:
-            raise UserFacingError("--gqc_warmup_steps must be >= 0")
-        if self.gqc_warmup_multiplier <= 0:
-            raise UserFacingError("--gqc_warmup_multiplier must be > 0 (1.0 disables the inverse warmup)")
-        if self.gqc_schedule_power <= 0:
-            raise UserFacingError("--gqc_schedule_power must be > 0")
-        if self.gqc_microbatch_budget < 0 or self.gqc_token_budget < 0:
-            raise UserFacingError("--gqc_microbatch_budget/--gqc_token_budget must be >= 0 (0 = unbounded)")
-        if self.gqc == "mht":
-            if not 0 < self.gqc_mht_confidence < 1:
-                raise UserFacingError("--gqc_mht_confidence must be in (0, 1), e.g. 0.95")
-            if not 0 < self.gqc_mht_beta <= 1:
-                raise UserFacingError("--gqc_mht_beta must be in (0, 1]")
         # The controller decides when a window ends; a fixed window on top would be contradictory.
         if getattr(self, "gradient_accumulation_steps", 1) != 1:
             raise UserFacingError(

@@ -207,6 +207,8 @@ class ModelDataArguments:
             raise UserFacingError("--lora_r must be >= 1 and --lora_alpha > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserFacingError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
+        if not self.early_stopping_threshold >= 0:
+            raise UserFacingError(f"--early_stopping_threshold {self.early_stopping_threshold} must be >= 0")
         if self.early_stopping_patience is not None:
             self._validate_early_stopping()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from hf_gradext.arguments.ranges import SEED_MAX
 from hf_gradext.errors import UserFacingError
 
 PROJ_DTYPES = ("bfloat16", "float16", "float32")
@@ -31,7 +32,10 @@ class ProjectionArguments:
     )
     proj_rank_total: int = field(
         default=256,
-        metadata={"help": "Target projection dimension per layer (k_i * k_o as close to it as possible)."},
+        metadata={
+            "help": "Target projection dimension PER LAYER (k_i * k_o as close to it as possible); a row has "
+            "about this times the number of projected layers entries."
+        },
     )
     proj_rank_min: int = field(
         default=8, metadata={"help": "Lower bound for each Kronecker factor k_i and k_o."}
@@ -81,6 +85,8 @@ class ProjectionArguments:
                 f"--proj_rank_total={self.proj_rank_total} is below --proj_rank_min squared "
                 f"({self.proj_rank_min**2}); raise --proj_rank_total or lower --proj_rank_min"
             )
+        if not 0 <= self.proj_seed <= SEED_MAX:
+            raise UserFacingError(f"--proj_seed={self.proj_seed} must be in [0, {SEED_MAX}]")
         if self.proj_save_interval < 1:
             raise UserFacingError(
                 f"--proj_save_interval={self.proj_save_interval} must be >= 1 (batches per shard)"

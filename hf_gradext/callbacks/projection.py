@@ -10,7 +10,8 @@ Index rows: ``example_id`` (the dataset's ``example_id`` column when the batch c
 gradient feeds into: ``global_step + 1`` during the window, the same convention as gradient collection),
 ``epoch``, ``rank``. Before each checkpoint, every row of the steps it covers is written to disk; resuming
 from a checkpoint at step S first removes rows with ``step > S`` written by this rank (they are
-recomputed), so no step is duplicated or missing.
+recomputed), so no step is duplicated or missing, and ``position`` continues after the last row kept, so
+positions stay unique (and equal to those of an uninterrupted run).
 
 Directory policy (:mod:`hf_gradext.store.policy`, the same for every writer): a fresh run refuses a
 directory holding another run's rows (``--overwrite_output_dir`` removes them, logged); a run resumed from
@@ -44,6 +45,7 @@ from hf_gradext.projection.io import (
     list_shards,
     projection_output,
     prune_rows_from_step,
+    read_shard_header,
     row_settings,
     write_json_atomic,
 )
@@ -74,6 +76,15 @@ class _RowsInFlight:
     position: int
     step: int
     epoch: float
+
+
+def next_position(directory: str, rank: int) -> int:
+    """One past the largest ``position`` in this rank's complete shards (0 when there are none)."""
+    last = -1
+    for info in list_shards(directory, "proj", rank):
+        rows, _ = read_shard_header(info.path)
+        last = max([last, *(int(r.get("position", -1)) for r in rows)])
+    return last + 1
 
 
 def projection_dir(args: Any) -> str:
@@ -120,16 +131,22 @@ class GradientProjectionCallback(TrainerCallback):
             world_size=int(getattr(args, "world_size", 1)),
         )
         if mode == "resume":  # resumed from a checkpoint: rows of re-run steps are rewritten
-            removed = prune_rows_from_step(self.directory, self.rank, state.global_step + 1)
+            removed = prune_rows_from_step(self.directory, self.rank, state.global_step + 1, PROJ_DIR_FLAG)
             if removed:
                 logger.info(
                     "projection: removed %d rows of steps > %d (re-run after resume)",
                     removed,
                     state.global_step,
                 )
+        # Resumed: after the rows kept (unique positions, as in an uninterrupted run); else 0 (no rows left).
+        self.position = next_position(self.directory, self.rank)
         if self.rank == 0:
-            write_json_atomic(os.path.join(self.directory, METADATA_FILE), self.projector.metadata())
-            write_json_atomic(os.path.join(self.directory, RUN_CONFIG_FILE), args.to_dict())
+            write_json_atomic(
+                os.path.join(self.directory, METADATA_FILE), self.projector.metadata(), flag=PROJ_DIR_FLAG
+            )
+            write_json_atomic(
+                os.path.join(self.directory, RUN_CONFIG_FILE), args.to_dict(), flag=PROJ_DIR_FLAG
+            )
         self.writer = ProjectionShardWriter(
             self.directory,
             rank=self.rank,
@@ -234,7 +251,7 @@ class GradientProjectionCallback(TrainerCallback):
             "global_step": state.global_step,
         }
         name = STATS_FILE if self.rank == 0 else STATS_FILE.replace(".json", f".rank{self.rank:03d}.json")
-        write_json_atomic(os.path.join(self.directory, name), stats)
+        write_json_atomic(os.path.join(self.directory, name), stats, flag=PROJ_DIR_FLAG)
         self.writer = None
 
 

@@ -73,23 +73,48 @@ def run_separate(
 
 def read_probe_texts(path: str | Path) -> list[str]:
     """Examples of a probe file: ``.txt`` one per non-empty line, ``.json`` (a list of strings or of
-    objects with ``text``) or ``.jsonl`` (objects with ``text``)."""
+    objects with ``text``) or ``.jsonl`` (objects with ``text``).
+
+    Raises:
+        UserFacingError: unreadable, not UTF-8, invalid JSON (with the line), or no usable text (one line).
+    """
     path = Path(path)
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        items = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    elif path.suffix == ".json":
-        items = json.loads(raw)
-        if isinstance(items, dict):
-            items = items.get("text", [])
-    else:
-        items = [line for line in raw.splitlines() if line.strip()]
-    texts = [it["text"] if isinstance(it, dict) else it for it in items]
+    fix = "one text per line (.txt), or JSON / JSON lines with a 'text' field"
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserFacingError(f"{PROBE_FLAG}={path} is not UTF-8 text (byte {exc.start}); {fix}") from None
+    except OSError as exc:
+        raise UserFacingError(f"{PROBE_FLAG}={path} cannot be read ({exc.strerror or exc}); {fix}") from None
+    try:
+        if path.suffix == ".jsonl":
+            items = []
+            for number, line in enumerate(raw.splitlines(), 1):
+                if line.strip():
+                    items.append(_json_line(line, number))
+        elif path.suffix == ".json":
+            items = json.loads(raw)
+            if isinstance(items, dict):
+                items = items.get("text", [])
+        else:
+            items = [line for line in raw.splitlines() if line.strip()]
+    except ValueError as exc:
+        raise UserFacingError(f"{PROBE_FLAG}={path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(items, list):
+        items = []
+    texts = [it.get("text") if isinstance(it, dict) else it for it in items]
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise UserFacingError(
             f"{PROBE_FLAG}={path} holds no usable examples; one text per line or a 'text' field"
         )
     return texts
+
+
+def _json_line(line: str, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"line {number}: {exc.args[0] if exc.args else exc}") from None
 
 
 def probe_batch(texts: list[str], tokenizer: Any, max_length: int, device: torch.device) -> dict[str, Any]:

@@ -23,7 +23,11 @@ EXAMPLE_ID_COLUMN = "example_id"
 
 
 def text_column(dataset: Any, requested: str | None = None) -> str:
-    """The text column: ``requested`` if given, else ``"text"``, else the first column (run_clm.py)."""
+    """The text column: ``requested`` if given, else ``"text"``, else the first column (run_clm.py).
+
+    The column must hold strings: tokenizing ``str(value)`` of numbers or lists would train silently on
+    text that is not the data.
+    """
     columns = list(dataset.column_names)
     if requested is not None:
         if requested not in columns:
@@ -31,8 +35,26 @@ def text_column(dataset: Any, requested: str | None = None) -> str:
                 f"--text_column {requested!r} is not a column of the dataset (columns: {', '.join(columns)}); "
                 f"pick one of those"
             )
-        return requested
-    return "text" if "text" in columns else columns[0]
+        col = requested
+    elif not columns:
+        raise UserFacingError("the dataset has no columns; pass data with a text column")
+    else:
+        col = "text" if "text" in columns else columns[0]
+    kind = _feature_kind(dataset, col)
+    if kind is not None and kind not in ("string", "large_string"):
+        raise UserFacingError(
+            f"column {col!r} holds {kind} values, not text (columns: {', '.join(columns)}); "
+            "pass --text_column NAME to choose the column holding the text"
+        )
+    return col
+
+
+def _feature_kind(dataset: Any, column: str) -> str | None:
+    """The dtype name of a ``datasets`` column (``"string"``, ``"int64"``, ``"list"``...), None if unknown."""
+    feature = (getattr(dataset, "features", None) or {}).get(column)
+    if feature is None:
+        return None
+    return str(getattr(feature, "dtype", None) or type(feature).__name__)
 
 
 def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:

@@ -106,4 +106,18 @@ def _load_files(args: Any, pct: int) -> dict[str, Any]:
             f"--train_file {args.train_file!r} could not be read as {builder} ({type(exc).__name__}: {first}); "
             f"fix the file format"
         ) from exc
+    if builder != "text" and not getattr(args, "text_column", None):
+        for split, path in files.items():
+            _require_text_column(ds[split], path, "--train_file" if split == "train" else "--validation_file")
     return _split(ds["train"], pct, ds.get("validation"))
+
+
+def _require_text_column(dataset: Any, path: str, flag: str) -> None:
+    """A JSON/CSV file names its columns: without a ``text`` one, guessing (run_clm.py's first column) would
+    train on whatever comes first -- ids, labels, numbers cast to strings. Ask instead."""
+    columns = list(dataset.column_names)
+    if "text" not in columns:
+        raise UserFacingError(
+            f"{flag} {path!r} has no 'text' column (columns: {', '.join(columns) or 'none'}); "
+            "pass --text_column NAME to choose the one holding the text"
+        )

@@ -19,6 +19,9 @@ from hf_gradext.arguments.model import hub_kwargs
 from hf_gradext.data.corpus import embedded_corpus_hash, embedded_documents
 from hf_gradext.errors import UserFacingError
 from hf_gradext.hub import load_pretrained
+from hf_gradext.store.cache_dir import cache_root, private_dir
+
+__all__ = ["build_embedded_tokenizer", "cache_root", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +30,6 @@ PAD_TOKEN = "<|pad|>"
 DEFAULT_VOCAB_SIZE = 2048
 # Part of the cache key: bump when the recipe below changes.
 TOKENIZER_VERSION = 1
-
-
-def cache_root() -> Path:
-    """Where hf_gradext caches built artifacts: ``$HF_GRADEXT_CACHE``, else ``$XDG_CACHE_HOME/hf_gradext``."""
-    if os.environ.get("HF_GRADEXT_CACHE"):
-        return Path(os.environ["HF_GRADEXT_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "hf_gradext"
 
 
 def _train_bpe(vocab_size: int) -> Any:
@@ -62,7 +57,7 @@ def build_embedded_tokenizer(
 
     Args:
         vocab_size: target vocabulary size (special tokens and the 256 byte symbols included).
-        cache_dir: cache root; defaults to :func:`cache_root`.
+        cache_dir: cache root; defaults to the private per-user cache (:func:`cache_root`, mode 0700).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -70,8 +65,16 @@ def build_embedded_tokenizer(
         raise UserFacingError(
             f"tokenizer vocab_size={vocab_size} is too small; use at least 300 (256 bytes + merges)"
         )
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root = Path(cache_dir) if cache_dir is not None else private_dir()
     target = root / "tokenizers" / f"bpe-v{TOKENIZER_VERSION}-{embedded_corpus_hash()}-{vocab_size}"
+    if (target / "tokenizer.json").is_file():
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(str(target))
+        except Exception as exc:  # a damaged cache entry (truncated, flipped bytes): build it again
+            logger.warning(
+                "cached tokenizer %s is unreadable (%s): rebuilding it", target, type(exc).__name__
+            )
+            shutil.rmtree(target, ignore_errors=True)
     if not (target / "tokenizer.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hf_gradext.errors import UserFacingError
+from hf_gradext.gqc.lr_coupling import SeesawPlan
 from hf_gradext.gqc.noise import NoiseEstimate, SampleNormStats, estimate_noise, sample_norm_stats
 
 
@@ -38,6 +39,7 @@ class Observation:
         sample_sq_norms: (B,) this microbatch's per-sample squared gradient norms (gns_sample, one
             process; used when ``sample_stats`` is None).
         sample_weights: (B,) raw weights of those samples in the window's mean gradient (None: equal).
+        lr_factor: the LR scheduler's factor (LR / initial LR) at the window's first microbatch (seesaw).
     """
 
     k: int
@@ -49,6 +51,7 @@ class Observation:
     sample_stats: SampleNormStats | None = None
     sample_sq_norms: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
+    lr_factor: float | None = None
 
 
 class Controller(ABC):
@@ -59,6 +62,7 @@ class Controller(ABC):
     needs_microbatch_norms: bool = False
     needs_metrics: bool = False
     needs_sample_norms: bool = False
+    needs_lr_factor: bool = False
 
     @abstractmethod
     def decide(self, obs: Observation) -> bool:
@@ -250,6 +254,44 @@ class GNSSample(Controller):
         self.signal_ema = state.get("signal_ema")
 
 
+class Seesaw(Controller):
+    """Seesaw batch ramp (:mod:`hf_gradext.gqc.lr_coupling`): the window doubles where the LR would halve.
+
+    The window size is fixed when a window starts, from the LR scheduler's factor there
+    (``Observation.lr_factor``): ``k0 * 2^j`` microbatches, ``j`` the growths so far. The loop also takes
+    the step's LR multiplier from :attr:`plan` (LR times ``1/sqrt(2)`` per growth instead of the decay).
+    The scheduled value (``threshold``) is not read: ``k0`` is fixed at construction.
+    """
+
+    name = "seesaw"
+    threshold_name = "microbatches_per_step"
+    needs_lr_factor = True
+
+    def __init__(self, k0: int = 1, cap: int = 64) -> None:
+        self.plan = SeesawPlan(k0, cap)
+        self.target = k0
+
+    def effective_threshold(self, obs: Observation) -> float:
+        return float(self.target)
+
+    def decide(self, obs: Observation) -> bool:
+        if obs.k == 1:
+            if obs.lr_factor is None:
+                raise UserFacingError(
+                    "gqc seesaw needs the LR scheduler's factor at each window start (a torch LR scheduler "
+                    "with initial_lr in its param groups); use a non-metric --lr_scheduler_type"
+                )
+            self.target = self.plan.start_window(obs.lr_factor)
+        return obs.k >= self.target
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.state_dict(), "target": self.target}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plan.load_state_dict(state.get("plan", {}))
+        self.target = int(state.get("target", self.target))
+
+
 class MHT(Controller):
     """Metric Hypothesis Test (torch-gqc's ``OptimizerWrapperMHT``) on the microbatch losses.
 
@@ -315,6 +357,8 @@ def build_controller(args) -> Controller:
         return GNS()
     if args.gqc == "gns_sample":
         return GNSSample(ema=getattr(args, "gqc_gns_ema", 1.0))
+    if args.gqc == "seesaw":
+        return Seesaw(k0=int(args.gqc_threshold_start), cap=args.gqc_max_microbatches)
     if args.gqc == "mht":
         return MHT(confidence=args.gqc_mht_confidence, beta=args.gqc_mht_beta)
     raise ValueError(f"no controller for gqc={args.gqc!r}")

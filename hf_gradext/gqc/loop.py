@@ -28,13 +28,17 @@ refuses a ``--gqc`` microbatch that runs outside this loop (:func:`check_in_gqc_
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from hf_gradext.errors import UserFacingError
+from hf_gradext.gqc import lr_coupling
+from hf_gradext.gqc.noise import SampleNormStats
 from hf_gradext.gqc.norms import MicrobatchNormTracker, grads_of, scale_, total_norm
 from hf_gradext.gqc.run import GQCRun, require_run
+from hf_gradext.gqc.sample_norms import VECTOR_SIZE, SampleNormCapture, sample_weights
 from hf_gradext.integrations import accelerate as accelerate_internals
 from hf_gradext.integrations import loss as loss_integration
 from hf_gradext.integrations import trainer as trainer_internals
@@ -87,6 +91,12 @@ def _shifts_labels(trainer) -> bool:
 def _loss_is_sum(trainer) -> bool:
     """True when HF forwards ``num_items_in_batch`` into the loss (then 1 gives a token-sum loss)."""
     return trainer_internals.model_accepts_loss_kwargs(trainer) or trainer.compute_loss_func is not None
+
+
+def _controller_record(controller) -> dict[str, float]:
+    """Per-step numbers a controller adds to the step log (gns_sample: the estimate it stepped on)."""
+    est = getattr(controller, "last", None) if controller.needs_sample_norms else None
+    return {"b_simple": est.b_simple} if est is not None else {}
 
 
 def is_metric_scheduler(sched: Any) -> bool:
@@ -239,6 +249,11 @@ def _run_epoch(
     if core.controller.needs_microbatch_norms and tracker is None:
         tracker = trainer._gqc_tracker = MicrobatchNormTracker(params)
     needs_metrics = core.controller.needs_metrics
+    capture = getattr(trainer, "_gqc_sample_capture", None)
+    if core.controller.needs_sample_norms and capture is None:
+        # Hooks on every module owning a trainable parameter: the per-sample norms then cover exactly the
+        # parameters of the tested norm below (``params``). Built once per trainer, like the tracker.
+        capture = trainer._gqc_sample_capture = SampleNormCapture(trainer.model)
 
     grad_norm: float | None = None
     learning_rate: float | None = None
@@ -254,16 +269,24 @@ def _run_epoch(
         ).item()
     stopped_by_budget, exhausted = False, has_next < world
     # Post-backward reduction layout: [non-finite flag, loss, ||grad||^2, label items, input tokens,
-    # samples, ranks with a next microbatch, per-rank microbatch norm (world), per-rank metric (world)].
-    norms_at, metrics_at = 7, 7 + world
+    # samples, ranks with a next microbatch, per-rank microbatch norm (world), per-rank metric (world),
+    # per-sample statistics (4, gns_sample only: additive, so the sum over ranks is the global one)].
+    norms_at, metrics_at, samples_at = 7, 7 + world, 7 + 2 * world
+    vec_size = samples_at + (VECTOR_SIZE if capture is not None else 0)
+    window_factor: float | None = None  # LR scheduler factor at the current window's first microbatch
     while has_next >= world:
         upcoming = fetch()
         if core.window_k == 0:
             trainer.control = trainer.callback_handler.on_step_begin(args, trainer.state, trainer.control)
+            # The scheduler sits at this window's start (advanced after the last step): seesaw sizes the
+            # window from it, and the step's coupled LR is relative to it.
+            window_factor = lr_coupling.lr_factor(trainer.optimizer)
 
         accelerate_internals.set_sync_gradients(trainer.accelerator, True)
         local_items, local_tokens, local_samples = _counts(trainer, current)
-        loss = trainer.training_step(model, current, one)  # token sum (x loss_mult) or microbatch mean
+        armed = capture.microbatch(trainer, current, one) if capture is not None else nullcontext()
+        with armed:
+            loss = trainer.training_step(model, current, one)  # token sum (x loss_mult) or microbatch mean
         trainer.current_flos += float(trainer.floating_point_ops(current))
         trainer_internals.track_num_input_tokens(trainer, current)
 
@@ -273,7 +296,7 @@ def _run_epoch(
         loss_f = loss.detach().to(torch.float64)
         # Item assignment takes device tensors and Python numbers alike without a host round trip
         # (building a CUDA tensor from a Python number would copy from pageable memory: a stream sync).
-        vec = torch.zeros(7 + 2 * world, dtype=torch.float64, device=device)
+        vec = torch.zeros(vec_size, dtype=torch.float64, device=device)
         vec[0] = (~torch.isfinite(loss_f)).to(torch.float64)
         vec[1] = loss_f / loss_mult if sum_loss else loss_f / world
         vec[2] = total_norm(grads).to(device=device, dtype=torch.float64) ** 2 / world
@@ -287,6 +310,9 @@ def _run_epoch(
             vec[norms_at + rank] = mb / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else mb
         if needs_metrics:
             vec[metrics_at + rank] = loss_f / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else loss_f
+        if capture is not None:
+            weights = sample_weights(current, _shifts_labels(trainer), sum_loss)  # (B,) or None
+            vec[samples_at:] = capture.vector(weights)
         vals = _all_reduce_sum(vec, trainer).tolist()
         core.add_microbatch(items=vals[3], tokens=vals[4], samples=int(vals[5]))
         run.microbatches_in_epoch += 1
@@ -302,8 +328,10 @@ def _run_epoch(
             position=max(run.position() - 1, 0.0),
             nonfinite=nonfinite,
             microbatch_norms=vals[norms_at:metrics_at] if tracker is not None else (),
-            metrics=vals[metrics_at:] if needs_metrics else (),
+            metrics=vals[metrics_at:samples_at] if needs_metrics else (),
             force=last,
+            sample_stats=SampleNormStats.from_vector(vals[samples_at:]) if capture is not None else None,
+            lr_factor=window_factor,
         )
         trainer.state.epoch = epoch + run.microbatches_in_epoch / steps_in_epoch
 
@@ -315,12 +343,16 @@ def _run_epoch(
                 else None
             )
             grad_norm = float(clipped) if clipped is not None else mean_norm
-            trainer.control = trainer.callback_handler.on_pre_optimizer_step(
-                args, trainer.state, trainer.control
-            )
-            trainer.optimizer.step()
-            trainer.control = trainer.callback_handler.on_optimizer_step(args, trainer.state, trainer.control)
-            learning_rate = trainer_internals.get_learning_rate(trainer)
+            mult = lr_coupling.step_multiplier(core.controller, run.coupling, decision.k, window_factor)
+            with lr_coupling.scaled_lr(trainer.optimizer, mult):  # this step only (--gqc_lr_coupling, seesaw)
+                trainer.control = trainer.callback_handler.on_pre_optimizer_step(
+                    args, trainer.state, trainer.control
+                )
+                trainer.optimizer.step()
+                trainer.control = trainer.callback_handler.on_optimizer_step(
+                    args, trainer.state, trainer.control
+                )
+            learning_rate = trainer_internals.get_learning_rate(trainer) * mult
             _advance_lr(trainer, run.position())
             model.zero_grad()
             denom = decision.items if sum_loss else decision.k
@@ -333,6 +365,8 @@ def _run_epoch(
                     "grad_norm": decision.mean_grad_norm,
                     "threshold": decision.threshold,
                     "tokens": decision.items,
+                    "lr_multiplier": mult,
+                    **_controller_record(core.controller),
                 }
             )
             trainer.control = trainer.callback_handler.on_step_end(args, trainer.state, trainer.control)

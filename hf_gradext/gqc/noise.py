@@ -82,7 +82,7 @@ def sample_norm_vector(sq_norms: torch.Tensor, weights: torch.Tensor | None = No
     Args:
         sq_norms: (B,) per-sample squared gradient norms ``|g_i|^2``.
         weights: (B,) raw weights of the samples in the window's mean gradient (e.g. label-token counts
-            under a token-mean loss); ``None``: equal weights (1 each).
+            under a token-mean loss); ``None``: equal weights (1 each). Samples of weight 0 are not counted.
     """
     if sq_norms.dim() != 1:
         raise ValueError(f"per-sample squared norms must be a (B,) tensor, got shape {tuple(sq_norms.shape)}")
@@ -93,7 +93,10 @@ def sample_norm_vector(sq_norms: torch.Tensor, weights: torch.Tensor | None = No
     w = weights.detach().to(device=sq.device, dtype=torch.float64)  # (B,)
     if w.shape != sq.shape:
         raise ValueError(f"sample weights {tuple(w.shape)} do not match the squared norms {tuple(sq.shape)}")
-    return torch.stack([sq.new_tensor(float(sq.shape[0])), sq.sum(), w.sum(), w.pow(2).sum()])
+    # A zero-weight sample (no label token: its gradient is exactly 0) is no draw from the gradient
+    # distribution; counting it would pull S = mean |g_i|^2 toward 0. Counted on the device (no host read).
+    count = w.gt(0).sum().to(torch.float64)
+    return torch.stack([count, sq.sum(), w.sum(), w.pow(2).sum()])
 
 
 def sample_norm_stats(sq_norms: torch.Tensor, weights: torch.Tensor | None = None) -> SampleNormStats:

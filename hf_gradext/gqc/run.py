@@ -23,6 +23,7 @@ from typing import Any
 from hf_gradext.errors import UserFacingError
 from hf_gradext.gqc.controllers import build_controller
 from hf_gradext.gqc.core import GQCCore
+from hf_gradext.gqc.lr_coupling import PowerCoupling, build_coupling
 from hf_gradext.gqc.schedules import schedule_from_args
 
 GQC_STATE_NAME = "gqc_state.json"
@@ -40,6 +41,7 @@ class GQCRun:
     epoch: int = 0
     microbatches_in_epoch: int = 0
     pending: list[dict[str, float]] = field(default_factory=list)  # per-step records not yet logged
+    coupling: PowerCoupling | None = None  # --gqc_lr_coupling (its k0 is latched, so it is checkpointed)
     # Set by restore_position (GradExtTrainer._init_training_state); the epoch loop refuses to run without
     # it: it proves transformers called the override that sets the run's data position.
     position_restored: bool = False
@@ -65,6 +67,7 @@ class GQCRun:
             "microbatches_in_epoch": self.microbatches_in_epoch,
             "horizon": self.horizon,
             "core": self.core.state_dict(),
+            "lr_coupling": self.coupling.state_dict() if self.coupling is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -75,6 +78,8 @@ class GQCRun:
         self.epoch = int(state["epoch"])
         self.microbatches_in_epoch = int(state["microbatches_in_epoch"])
         self.core.load_state_dict(state["core"])
+        if self.coupling is not None and state.get("lr_coupling"):
+            self.coupling.load_state_dict(state["lr_coupling"])
 
     # ------------------------------------------------------------------ logs
     def drain_step_logs(self) -> dict[str, float]:
@@ -92,6 +97,11 @@ class GQCRun:
             out["gqc/grad_norm"] = self.pending[-1]["grad_norm"]
             out["gqc/threshold"] = self.pending[-1]["threshold"]
             out["gqc/window_tokens"] = sum(p["tokens"] for p in self.pending) / len(self.pending)
+            last = self.pending[-1]
+            if self.coupling is not None or self.core.controller.name == "seesaw":
+                out["gqc/lr_multiplier"] = last.get("lr_multiplier", 1.0)
+            if "b_simple" in last:
+                out["gqc/b_simple"] = last["b_simple"]
             self.pending = []
         return out
 
@@ -124,6 +134,9 @@ def build_run(args, microbatches_per_epoch: int | None) -> GQCRun:
         horizon=horizon,
         microbatches_per_epoch=microbatches_per_epoch,
         token_budget=args.gqc_token_budget,
+        coupling=build_coupling(
+            getattr(args, "gqc_lr_coupling", "none"), getattr(args, "gqc_lr_coupling_k0", 0)
+        ),
     )
 
 

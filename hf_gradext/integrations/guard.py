@@ -17,11 +17,13 @@ from typing import Any
 from hf_gradext.errors import UserFacingError
 
 # What the integration layer is tested against (CI: the locked set and the newest allowed releases).
-# Keep in step with pyproject.toml's dependency ranges; tests/integrations check that they agree.
+# Keep in step with pyproject.toml's dependency ranges (trl: its dev extra); tests/integrations check that
+# they agree.
 SUPPORTED: dict[str, str] = {
     "transformers": ">=5.23,<6",
     "accelerate": ">=1.15,<2",
     "peft": ">=0.21,<1",
+    "trl": ">=1.16,<2",  # optional (dev extra): only GradExtSFTTrainer imports it
 }
 
 # The releases CI runs the suite on: the locked set (requirements/locked.txt, also the floors) and the
@@ -30,6 +32,7 @@ TESTED: dict[str, tuple[str, ...]] = {
     "transformers": ("5.23.0", "5.24.0"),
     "accelerate": ("1.15.0", "1.16.0"),
     "peft": ("0.21.0", "0.21.2"),
+    "trl": ("1.16.0",),
 }
 
 _passed: set[str] = set()

@@ -14,6 +14,7 @@ from transformers import HfArgumentParser
 
 from hf_gradext.arguments.model import ModelDataArguments
 from hf_gradext.arguments.projection import ProjectionArguments
+from hf_gradext.arguments.ranges import SEED_MAX
 from hf_gradext.devices import check_device
 from hf_gradext.errors import UserFacingError
 from hf_gradext.process_group import end_process_group
@@ -127,6 +128,10 @@ def full_grads_main(argv: list[str] | None = None) -> int:
             raise UserFacingError("--layers projected needs --proj_metadata DIR/metadata.json")
         if fargs.overwrite and fargs.resume:
             raise UserFacingError("--overwrite and --resume exclude each other; pass one of them")
+        if fargs.batch_size < 1 or fargs.max_elements < 1:
+            raise UserFacingError("--batch_size and --max_elements must be >= 1")
+        if not 0 <= fargs.seed <= SEED_MAX:
+            raise UserFacingError(f"--seed={fargs.seed} must be in [0, {SEED_MAX}]")
         check_device(fargs.device)
         out = run_full_grads(margs, fargs)
         print(
@@ -167,7 +172,9 @@ def attribute_main(argv: list[str] | None = None) -> int:
             raise UserFacingError("--train and --query are required (projection directories)")
         if aargs.top_k < 1:
             raise UserFacingError(f"--top_k={aargs.top_k} must be >= 1")
-        if aargs.damping is not None and aargs.damping <= 0:
+        if aargs.max_queries is not None and aargs.max_queries < 1:
+            raise UserFacingError(f"--max_queries={aargs.max_queries} must be >= 1 (or unset for all)")
+        if aargs.damping is not None and not aargs.damping > 0:
             raise UserFacingError(f"--damping={aargs.damping} must be > 0 (or unset for no preconditioner)")
         paths = run_attribution(aargs)
         print("wrote " + ", ".join(str(p) for p in paths))

@@ -15,7 +15,6 @@ metadata are removed, logged). A fresh run is refused before the model is loaded
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hf_gradext.arguments.ranges import SEED_MAX
 from hf_gradext.devices import HostCopy, check_device
 from hf_gradext.errors import UserFacingError
 from hf_gradext.projection.io import (
@@ -39,6 +39,7 @@ from hf_gradext.projection.io import (
     write_json_atomic,
 )
 from hf_gradext.projection.projector import KroneckerProjector, projector_from_args
+from hf_gradext.store.integrity import read_json
 from hf_gradext.store.policy import (
     RunFingerprint,
     choose_mode,
@@ -106,6 +107,10 @@ class ProjectRunArguments:
             raise UserFacingError(f"--batch_size={self.batch_size} must be >= 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise UserFacingError(f"--max_samples={self.max_samples} must be >= 1 (or unset for all)")
+        if self.snippet_chars < 0:
+            raise UserFacingError(f"--snippet_chars={self.snippet_chars} must be >= 0 (0 = no snippet)")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise UserFacingError(f"--seed={self.seed} must be in [0, {SEED_MAX}]")
         check_device(self.device, allow_auto=True)
         self.mode()
 
@@ -188,26 +193,26 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
     done = completed_example_ids(directory)  # every rank reads before any rank writes
     state.wait_for_everyone()
     if state.is_main_process:
-        write_json_atomic(directory / METADATA_FILE, meta)
+        write_json_atomic(directory / METADATA_FILE, meta, flag=FLAGS[0])
         run_config = {
             "model_data": _plain(margs),
             "projection": _plain(pargs),
             "run": asdict(rargs),
             "world_size": world,
         }
-        write_json_atomic(directory / RUN_CONFIG_FILE, run_config)
+        write_json_atomic(directory / RUN_CONFIG_FILE, run_config, flag=FLAGS[0])
     ids = [int(i) for i in data["example_id"]]
     todo = [pos for pos, i in enumerate(ids) if i not in done]
     mine = todo[rank::world]
     stats = _project_rows(projector, data, mine, tokenizer, rargs, pargs, directory, rank, device, state)
     stats.update(skipped_already_done=len(ids) - len(todo))
-    write_json_atomic(directory / f".stats-rank{rank:03d}.json", stats)
+    write_json_atomic(directory / f".stats-rank{rank:03d}.json", stats, flag=FLAGS[0])
     state.wait_for_everyone()
     if not state.is_main_process:
         projector.close()
         return stats
     merged = _merge_stats(directory, world)
-    write_json_atomic(directory / STATS_FILE, merged)
+    write_json_atomic(directory / STATS_FILE, merged, flag=FLAGS[0])
     projector.close()
     return merged
 
@@ -325,7 +330,7 @@ def _snippet(tokenizer: Any, ids: list[int], chars: int) -> str:
 def _merge_stats(directory: Path, world: int) -> dict[str, Any]:
     per_rank = []
     for path in sorted(directory.glob(".stats-rank*.json")):
-        per_rank.append(json.loads(path.read_text()))
+        per_rank.append(read_json(path, "rerun the command (this run's statistics file is rewritten)"))
     tokens = sum(s["tokens"] for s in per_rank)
     seconds = max((s["seconds"] for s in per_rank), default=0.0)
     batches = sum(s["batches"] for s in per_rank)

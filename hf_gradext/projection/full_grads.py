@@ -14,7 +14,6 @@ wrote it).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.projection.io import write_json_atomic
+from hf_gradext.store.integrity import damaged, read_json
 from hf_gradext.store.policy import (
     OutputDir,
     RunFingerprint,
@@ -111,18 +111,27 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
                     "dtype": fargs.grad_dtype,
                     "loss": "each sample's own mean token loss over labels != -100",
                 },
+                flag=FLAGS[0],
             )
         flat = torch.cat([_dense(grads[n]).reshape(batch["input_ids"].shape[0], -1) for n in order], dim=1)
         writer.write({"grad": flat.to(dtype)}, [{"example_id": int(e)} for e in chunk["example_id"]])
     writer.close()
     if slices is None and (out.path / META_FILE).is_file():  # a resumed run with nothing left to do
-        total = int(json.loads((out.path / META_FILE).read_text())["total_param_dim"])
+        total = int(_read_meta(out.path / META_FILE)["total_param_dim"])
     return {
         "examples": len(data),
         "written": len(todo),
         "skipped_already_done": len(data) - len(todo),
         "total_param_dim": total,
     }
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    fix = f"rerun `hf-gradext full-grads --output_dir {path.parent} --overwrite`"
+    meta = read_json(path, fix)
+    if not isinstance(meta, dict) or not isinstance(meta.get("total_param_dim"), int):
+        raise damaged(path, "no integer total_param_dim", fix)
+    return meta
 
 
 def _dense(grad: Any) -> torch.Tensor:
@@ -139,7 +148,7 @@ def load_full_grads(directory: str | Path) -> tuple[torch.Tensor, list[int], dic
         raise UserFacingError(
             f"{meta_path} not found; run `hf-gradext full-grads --output_dir {directory}` first"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(meta_path)
     parts, ids = [], []
     for info in list_shards(directory, PREFIX):
         tensors, rows, _ = read_shard(info.path)

@@ -14,21 +14,26 @@ text ``snippet``.
 
 Memory mapping (``load_projections``): a safetensors file is an 8-byte header length, a JSON header,
 then raw row-major tensor bytes, so each shard's ``proj`` tensor is a ``numpy.memmap`` at a known byte
-offset, read only when touched. One shard is returned as that memmap directly (zero copy). Several
-shards (or rows that must be reordered by example id) are streamed, one shard at a time, into one
-consolidated raw file ``.cache/rows-<key>.bin`` in the directory (in the system temp dir if the
-directory is read-only), written under a temporary name and renamed, keyed by the shard names and sizes
-so new shards invalidate it; the returned tensor is a memmap of that file. Peak RAM is one shard, never
-``N x D``; the price is disk space for one copy of the rows.
+offset, read only when touched; the header is bound-checked against the file size first, so a truncated
+shard is an error message, not a ``SIGBUS``. Every shard is verified against its checksum (one
+sequential read) before its rows are returned. One shard is returned as that memmap directly (zero
+copy). Several shards (or rows that must be reordered by example id) are gathered, 64 MiB at a time,
+into one consolidated raw file (:mod:`hf_gradext.projection.row_cache`: ``.cache/rows-<key>.bin`` in the
+directory, or the private per-user cache if the directory is read-only or full; written by ordinary
+I/O after a free-space check, verified by size and checksum whenever it is reused); the returned tensor
+is a memmap of that file. Peak RAM is one chunk, never ``N x D``; the price is disk space for one copy of
+the rows.
+
+``metadata.json`` is checked against the row settings the directory's ``run_fingerprint.json`` recorded
+when the rows were written (when it has one): a damaged or edited metadata file would rebuild other
+projection matrices than the ones that made the rows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
-import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,14 @@ import torch
 from hf_gradext.errors import UserFacingError
 
 # write_json_atomic lives in the store now; re-exported because callers import it from here.
+from hf_gradext.projection.row_cache import cache_key, find_or_build
 from hf_gradext.store import ShardWriter, list_shards, read_shard_header, write_json_atomic  # noqa: F401
-from hf_gradext.store.policy import OutputDir
+from hf_gradext.store.disk import disk_errors
+from hf_gradext.store.integrity import DamagedFileError, damaged, read_json
+from hf_gradext.store.policy import OutputDir, read_fingerprint
+from hf_gradext.store.shards import SHARD_FIX, ShardLayout, inspect_shard, verify_bytes
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "proj"
 TENSOR_KEY = "proj"
@@ -55,6 +66,7 @@ SIDE_FILES = (
     "projection_stats*.json",
     ".stats-rank*.json",
     ".cache/rows-*.bin",
+    ".cache/rows-*.json",
 )
 # Keys of metadata.json that do not determine the rows (left out of the run fingerprint's settings).
 _NOT_ROW_SETTINGS = ("package_version",)
@@ -67,6 +79,11 @@ _ST_DTYPES = {
     "F32": (np.float32, torch.float32),
     "F64": (np.float64, torch.float64),
 }
+_VERIFY_CHUNK = 16 * 1024 * 1024
+METADATA_FIX = (
+    "re-create it: rerun the projection into a fresh directory, or with --overwrite (hf-gradext project) / "
+    "--overwrite_output_dir (training)"
+)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -76,7 +93,30 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise UserFacingError(
             f"{path} not found; pass a directory written by `hf-gradext project` or --project_gradients"
         )
-    return json.loads(path.read_text())
+    metadata = read_json(path, METADATA_FIX)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("total_proj_dim"), int):
+        raise damaged(path, "no integer total_proj_dim", METADATA_FIX)
+    _check_against_fingerprint(path, metadata)
+    return metadata
+
+
+def _check_against_fingerprint(path: Path, metadata: dict[str, Any]) -> None:
+    """``metadata.json`` must equal the row settings recorded when the rows were written (if recorded)."""
+    try:
+        recorded = (read_fingerprint(path.parent) or {}).get("settings")
+    except DamagedFileError as exc:  # the cross-check is lost, the metadata itself may be fine
+        logger.warning("cannot cross-check %s: %s", path.name, exc)
+        return
+    if not isinstance(recorded, dict):
+        return
+    plain = json.loads(json.dumps(row_settings(metadata), default=str))
+    changed = [k for k in plain if k in recorded and recorded[k] != plain[k]]
+    if changed:
+        raise damaged(
+            path,
+            f"{', '.join(changed[:3])} differ from what run_fingerprint.json recorded when the rows were written",
+            METADATA_FIX,
+        )
 
 
 class ProjectionShardWriter:
@@ -149,13 +189,18 @@ def completed_example_ids(directory: str | os.PathLike, prefix: str = PREFIX) ->
     return ids
 
 
-def _tensor_location(path: Path) -> tuple[int, str, tuple[int, ...]]:
-    """Byte offset, safetensors dtype tag and shape of the ``proj`` tensor inside one shard."""
-    with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
-    entry = header[TENSOR_KEY]
-    return 8 + header_len + int(entry["data_offsets"][0]), entry["dtype"], tuple(entry["shape"])
+def _layouts(shards: list[Path]) -> list[ShardLayout]:
+    """Verified headers of ``shards``, each checked to hold a 2-D ``proj`` tensor."""
+    layouts = []
+    for path in shards:
+        layout = inspect_shard(path)
+        entry = layout.header.tensors.get(TENSOR_KEY)
+        if entry is None or len(entry.shape) != 2 or entry.dtype not in _ST_DTYPES:
+            raise damaged(path, f"no 2-D {TENSOR_KEY!r} tensor of a float dtype", SHARD_FIX)
+        if entry.shape[0] != len(layout.rows):
+            raise damaged(path, f"{entry.shape[0]} rows but {len(layout.rows)} index entries", SHARD_FIX)
+        layouts.append(layout)
+    return layouts
 
 
 def _memmap(path: Path, offset: int, tag: str, shape: tuple[int, ...], mode: str = "c") -> torch.Tensor:
@@ -163,38 +208,40 @@ def _memmap(path: Path, offset: int, tag: str, shape: tuple[int, ...], mode: str
     if shape[0] == 0:
         return torch.empty(shape, dtype=torch_dtype)
     # mode "c" (copy-on-write): pages are read lazily and the tensor is writable without touching disk.
+    # The file size was checked against the header first (parse_header): no page lies past its end.
     array = np.memmap(path, dtype=np_dtype, mode=mode, offset=offset, shape=shape)
     return torch.from_numpy(array).view(torch_dtype)
+
+
+def _raw(layout: ShardLayout) -> np.ndarray:
+    """The ``proj`` rows of a shard as a read-only memmap of their raw storage dtype."""
+    entry = layout.header.tensors[TENSOR_KEY]
+    if entry.shape[0] == 0:
+        return np.empty(entry.shape, dtype=_ST_DTYPES[entry.dtype][0])
+    return np.memmap(
+        layout.header.path, dtype=_ST_DTYPES[entry.dtype][0], mode="r", offset=entry.start, shape=entry.shape
+    )
+
+
+def _verify(layout: ShardLayout) -> None:
+    """One sequential pass over the shard's rows against their checksum (format 2 shards)."""
+    if layout.checksums is None:
+        return
+    raw = _raw(layout)
+    step = max(1, _VERIFY_CHUNK // max(raw.strides[0], 1))
+    verify_bytes(layout, TENSOR_KEY, (raw[i : i + step] for i in range(0, raw.shape[0], step)))
 
 
 def iter_projection_blocks(
     directory: str | os.PathLike,
 ) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]]]]:
-    """``(rows, index_rows)`` per shard, in (rank, seq) order; rows are memory-mapped (lazy)."""
+    """``(rows, index_rows)`` per shard, in (rank, seq) order; rows are memory-mapped, each shard verified
+    against its checksum first (one sequential read)."""
     for info in list_shards(directory, PREFIX):
-        index, _ = read_shard_header(info.path)
-        offset, tag, shape = _tensor_location(info.path)
-        yield _memmap(info.path, offset, tag, shape), index
-
-
-def _cache_path(directory: Path, shards: list[Path]) -> Path:
-    key = hashlib.sha256(
-        json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in shards]).encode()
-    ).hexdigest()[:16]
-    cache = directory / ".cache"
-    try:
-        cache.mkdir(exist_ok=True)
-        probe = cache / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError:  # read-only projection dir: cache in the temp dir instead
-        cache = (
-            Path(tempfile.gettempdir())
-            / "hf_gradext-cache"
-            / hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-        )
-        cache.mkdir(parents=True, exist_ok=True)
-    return cache / f"rows-{key}.bin"
+        (layout,) = _layouts([info.path])
+        _verify(layout)
+        entry = layout.header.tensors[TENSOR_KEY]
+        yield _memmap(info.path, entry.start, entry.dtype, entry.shape), layout.rows
 
 
 def load_projections(
@@ -210,50 +257,64 @@ def load_projections(
     Returns:
         ``(rows, ids, metadata)``: rows (N, D) in the storage dtype, memory-mapped (see module doc),
         ids the N example ids, metadata the parsed ``metadata.json``.
+
+    Raises:
+        DamagedFileError: a shard, ``metadata.json`` or ... is damaged (one line naming the file).
+        UserFacingError: no room for the row cache (names the locations and ``$HF_GRADEXT_CACHE``).
     """
     directory = Path(directory)
     metadata = read_metadata(directory)
     shards = [info.path for info in list_shards(directory, PREFIX)]
-    index = [read_shard_header(p)[0] for p in shards]
-    ids = [int(r["example_id"]) for rows in index for r in rows]
+    layouts = _layouts(shards)
+    try:
+        ids = [int(r["example_id"]) for layout in layouts for r in layout.rows]
+    except (KeyError, TypeError, ValueError):
+        raise UserFacingError(
+            f"shards in {directory} have index rows without an integer example_id"
+        ) from None
     if not shards:
         return torch.empty(0, int(metadata["total_proj_dim"])), [], metadata
     unique = len(set(ids)) == len(ids)
     sort = unique if sort_by_id is None else sort_by_id
     if sort and not unique:
         raise UserFacingError(f"{directory} holds duplicated example ids; load with sort_by_id=False")
-    locations = [_tensor_location(p) for p in shards]
-    tags = {tag for _, tag, _ in locations}
-    if len(tags) != 1:
+    entries = [layout.header.tensors[TENSOR_KEY] for layout in layouts]
+    tags = {entry.dtype for entry in entries}
+    dims = {entry.shape[1] for entry in entries}
+    if len(tags) != 1 or len(dims) != 1:
         raise UserFacingError(
-            f"shards in {directory} mix dtypes {sorted(tags)}; re-run into a fresh directory"
+            f"shards in {directory} mix dtypes {sorted(tags)} / row widths {sorted(dims)}; re-run into a fresh directory"
         )
-    tag = tags.pop()
-    dim = locations[0][2][1]
+    tag, dim = tags.pop(), dims.pop()
     order = np.argsort(np.asarray(ids), kind="stable") if sort else np.arange(len(ids))
     if len(shards) == 1 and np.array_equal(order, np.arange(len(ids))):
-        offset, _, shape = locations[0]
-        return _memmap(shards[0], offset, tag, shape), ids, metadata
-    target = _cache_path(directory, shards)
-    if not target.exists():
-        destination = np.empty(len(ids), dtype=np.int64)  # destination[source row] = output row
-        destination[order] = np.arange(len(ids))
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        out = np.memmap(tmp, dtype=_ST_DTYPES[tag][0], mode="w+", shape=(len(ids), dim))
-        start = 0
-        for path, (offset, _, shape) in zip(shards, locations):
-            src = np.memmap(path, dtype=_ST_DTYPES[tag][0], mode="r", offset=offset, shape=shape)
-            out[destination[start : start + shape[0]]] = src  # one shard in RAM at a time
-            start += shape[0]
-            del src
-        out.flush()
-        del out
-        os.replace(tmp, target)
+        _verify(layouts[0])
+        return _memmap(shards[0], entries[0].start, tag, entries[0].shape), ids, metadata
+    np_dtype = _ST_DTYPES[tag][0]
+    row_bytes = dim * np.dtype(np_dtype).itemsize
+    starts = np.cumsum([0] + [entry.shape[0] for entry in entries])
+    verified: set[int] = set()
+
+    def fill(first: int, stop: int) -> np.ndarray:
+        source = order[first:stop]  # global source row of each output row
+        shard_of = np.searchsorted(starts, source, side="right") - 1
+        block = np.empty((stop - first, dim), dtype=np_dtype)
+        for k in np.unique(shard_of):
+            if k not in verified:  # each shard checked once, before any of its rows is used
+                _verify(layouts[k])
+                verified.add(int(k))
+            mask = shard_of == k
+            block[mask] = _raw(layouts[k])[source[mask] - starts[k]]
+        return block
+
+    target = find_or_build(directory, cache_key(shards, sort), len(ids), row_bytes, fill)
     rows = _memmap(target, 0, tag, (len(ids), dim))
     return rows, [ids[i] for i in order], metadata
 
 
-def prune_rows_from_step(directory: str | os.PathLike, rank: int, step: int) -> int:
+def prune_rows_from_step(
+    directory: str | os.PathLike, rank: int, step: int, flag: str = "--proj_output_dir"
+) -> int:
     """Remove rows with ``step >= step`` from this rank's complete shards (resuming from a checkpoint
     re-runs those steps). Each affected shard is rewritten atomically, or deleted if nothing remains.
 
@@ -275,7 +336,8 @@ def prune_rows_from_step(directory: str | os.PathLike, rank: int, step: int) -> 
             continue
         tensors, index, meta = read_shard(info.path)
         rows = tensors[TENSOR_KEY][keep]
-        write_shard_atomic(
-            info.path, {TENSOR_KEY: rows}, [index[i] for i in keep], {**meta, "rows": len(keep)}
-        )
+        with disk_errors(directory, flag):
+            write_shard_atomic(
+                info.path, {TENSOR_KEY: rows}, [index[i] for i in keep], {**meta, "rows": len(keep)}
+            )
     return removed

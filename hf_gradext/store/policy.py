@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from hf_gradext.errors import UserFacingError
+from hf_gradext.store.integrity import damaged, read_json
 from hf_gradext.store.shards import ensure_writable_dir, list_shards, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -127,13 +128,22 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def read_fingerprint(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The directory's fingerprint file, or None when it has none (or an unreadable one)."""
+def read_fingerprint(directory: str | os.PathLike, fix: str | None = None) -> dict[str, Any] | None:
+    """The directory's fingerprint file, or None when it has none.
+
+    Raises:
+        DamagedFileError: the file exists but is not a JSON object (``fix``: what to tell the user).
+    """
     path = Path(directory) / FINGERPRINT_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
         return None
+    fix = (
+        fix or "delete the directory's rows and this file (or pass the overwrite flag) to start the rows over"
+    )
+    manifest = read_json(path, fix)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models", {}), dict):
+        raise damaged(path, "not a fingerprint record", fix)
+    return manifest
 
 
 def _write(out: OutputDir, fingerprint: RunFingerprint, models: dict[str, str]) -> None:
@@ -146,19 +156,20 @@ def _write(out: OutputDir, fingerprint: RunFingerprint, models: dict[str, str]) 
             "settings": _plain(fingerprint.settings),
             "models": models,  # step -> model fingerprint of the weights at that step
         },
+        flag=out.flag,
     )
 
 
 def record_model(out: OutputDir, step: int, model_fp: str) -> None:
     """Add the weights at ``step`` (a checkpoint about to be saved) to the fingerprint file (rank 0 only)."""
-    manifest = read_fingerprint(out.path)
+    manifest = read_fingerprint(out.path, f"pass {out.overwrite_flag} to start the rows over")
     if manifest is None:  # the policy was not applied to this directory: nothing to extend
         return
     models = dict(manifest.get("models", {}))
     if models.get(str(step)) == model_fp:
         return
     models[str(step)] = model_fp
-    write_json_atomic(out.path / FINGERPRINT_FILE, {**manifest, "models": models})
+    write_json_atomic(out.path / FINGERPRINT_FILE, {**manifest, "models": models}, flag=out.flag)
 
 
 # ---------------------------------------------------------------------------------------------- policy
@@ -186,8 +197,8 @@ def _short(value: Any) -> str:
 
 
 def _check_resume(out: OutputDir, fingerprint: RunFingerprint, step: int, rows: int) -> dict[str, Any]:
-    manifest = read_fingerprint(out.path)
     fix = f"pass {out.overwrite_flag} to replace them or choose another {out.flag}"
+    manifest = read_fingerprint(out.path, f"pass {out.overwrite_flag} to start the rows over")
     if manifest is None:
         raise OutputDirConflict(
             f"{out.where()} holds {rows} shard(s) but no {FINGERPRINT_FILE}, so {out.resume_flag} cannot check "

@@ -1,4 +1,4 @@
-"""Sharded safetensors storage with an asynchronous, atomic writer.
+"""Sharded safetensors storage with an asynchronous, atomic writer and checksummed tensors.
 
 A shard is one safetensors file holding a dict of tensors plus, in its header metadata, the index rows
 that describe it (one JSON object per stored row: optimizer step, dataset example id, rank, ...) and
@@ -8,6 +8,14 @@ atomic step: a shard either exists complete, with its index, or not at all.
 Atomicity: each shard is written to a hidden temporary name in the same directory, flushed with
 ``fsync``, then ``os.replace``d to its final name. Readers only ever look at final names, so a killed
 process or a full disk leaves at worst a stale temporary file, which the next writer removes.
+
+Integrity (format 2): the header also carries ``hf_gradext_format`` (``"2"``), per tensor a CRC-32 of its
+bytes with its dtype and shape (``hf_gradext_checksums``), and a CRC-32 over the index rows, the metadata
+and those checksums (``hf_gradext_header_crc``). The writer computes them over the bytes it already holds
+(one pass); :func:`read_shard` verifies every tensor it returns and :func:`read_shard_header` the header,
+so a flipped bit or a truncated file is a one-line error naming the shard, never a number used silently.
+Shards of format 1 (no ``hf_gradext_format`` key, written before checksums existed) still load; there is
+nothing to verify them against.
 
 Shard names are ``{prefix}-rank{rank:03d}-{seq:06d}.safetensors``; a resumed writer continues the
 sequence after the last complete shard of its rank, so numbering never collides.
@@ -21,25 +29,43 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from hf_gradext.errors import UserFacingError
+from hf_gradext.store.disk import DiskError, disk_error, ensure_writable_dir, is_disk_error
+from hf_gradext.store.integrity import bytes_checksum, damaged, tensor_bytes
+from hf_gradext.store.safetensors_file import (
+    DTYPE_TAGS,
+    Header,
+    parse_header,
+    start_checksums,
+    write_safetensors,
+)
+from hf_gradext.store.temp import temp_path
 
 logger = logging.getLogger(__name__)
 
 ROWS_KEY = "hf_gradext_rows"
 META_KEY = "hf_gradext_meta"
+FORMAT_KEY = "hf_gradext_format"
+CHECKSUMS_KEY = "hf_gradext_checksums"
+HEADER_CRC_KEY = "hf_gradext_header_crc"
+FORMAT = 2
+# Benchmarks switch this off to measure what the checksums cost (recipes/benchmarks/bench_collection.py).
+WRITE_CHECKSUMS = True
+SHARD_FIX = "delete this shard (the other shards are intact) and write its rows again, e.g. rerun with the resume flag"
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-rank(?P<rank>\d{3})-(?P<seq>\d{6})\.safetensors$")
 
 
-class StoreWriteError(UserFacingError):
+class StoreWriteError(DiskError):
     """A shard could not be written (disk full, permissions, ...). Completed shards are intact."""
 
 
@@ -49,6 +75,16 @@ class ShardInfo:
     prefix: str
     rank: int
     seq: int
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A shard's verified header: where each tensor lies, its index rows, metadata and checksums."""
+
+    header: Header
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any]
+    checksums: dict[str, dict[str, Any]] | None  # None: format 1, nothing to verify against
 
 
 def shard_name(prefix: str, rank: int, seq: int) -> str:
@@ -73,23 +109,102 @@ def list_shards(
     return sorted(found, key=lambda s: (s.prefix, s.rank, s.seq))
 
 
+# ---------------------------------------------------------------------------------------------- checksums
+def _header_crc(rows: str, meta: str, sums: str) -> str:
+    return bytes_checksum([rows.encode(), b"\n", meta.encode(), b"\n", sums.encode()])
+
+
+def _tensor_record(tensor: torch.Tensor, checksum: str) -> dict[str, Any]:
+    return {"checksum": checksum, "dtype": DTYPE_TAGS[tensor.dtype], "shape": list(tensor.shape)}
+
+
+def inspect_shard(path: str | os.PathLike) -> ShardLayout:
+    """Parse, bound-check and (format 2) verify a shard's header; no tensor byte is read.
+
+    Raises:
+        DamagedFileError: truncated, unparsable, or the header fails its checksum (names the shard).
+    """
+    path = Path(path)
+    header = parse_header(path, SHARD_FIX)
+    md = header.metadata
+    rows_json, meta_json = md.get(ROWS_KEY, "[]"), md.get(META_KEY, "{}")
+    checksums = None
+    ours = [k for k in (FORMAT_KEY, CHECKSUMS_KEY, HEADER_CRC_KEY) if k in md]
+    if ours:
+        if len(ours) != 3:  # a flipped bit in one key name must not turn a shard into an unverified one
+            raise damaged(path, f"integrity keys incomplete (found {', '.join(ours)})", SHARD_FIX)
+        version = md[FORMAT_KEY]
+        if not version.isdigit():
+            raise damaged(path, f"format {version!r} is not a number", SHARD_FIX)
+        if int(version) > FORMAT:
+            raise UserFacingError(
+                f"{path} has shard format {version}, newer than this hf_gradext reads ({FORMAT}); upgrade hf_gradext"
+            )
+        if _header_crc(rows_json, meta_json, md[CHECKSUMS_KEY]) != md[HEADER_CRC_KEY]:
+            raise damaged(path, "the index rows or metadata fail their checksum", SHARD_FIX)
+        checksums = json.loads(md[CHECKSUMS_KEY])
+        if set(checksums) != set(header.tensors):
+            raise damaged(path, "the tensors do not match the checksummed list", SHARD_FIX)
+        for key, entry in header.tensors.items():
+            record = checksums[key]
+            if record.get("dtype") != entry.dtype or tuple(record.get("shape", ())) != entry.shape:
+                raise damaged(
+                    path,
+                    f"tensor {key!r} is {entry.dtype}{list(entry.shape)} but was written as "
+                    f"{record.get('dtype')}{record.get('shape')}",
+                    SHARD_FIX,
+                )
+    try:
+        rows, meta = json.loads(rows_json), json.loads(meta_json)
+    except ValueError:
+        raise damaged(path, "the index rows or metadata are not JSON", SHARD_FIX) from None
+    return ShardLayout(header, rows, meta, checksums)
+
+
+def verify_bytes(layout: ShardLayout, key: str, chunks: Iterable[Any]) -> None:
+    """Check the bytes of tensor ``key`` (given as buffers) against its checksum (format 2 only)."""
+    if layout.checksums is None:
+        return
+    if bytes_checksum(chunks) != layout.checksums[key]["checksum"]:
+        raise damaged(layout.header.path, f"tensor {key!r} fails its checksum", SHARD_FIX)
+
+
+# ------------------------------------------------------------------------------------------------ readers
 def read_shard_header(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Index rows and shard metadata of one shard, without loading any tensor."""
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-    return json.loads(header.get(ROWS_KEY, "[]")), json.loads(header.get(META_KEY, "{}"))
+    """Index rows and shard metadata of one shard (header verified), without loading any tensor."""
+    layout = inspect_shard(path)
+    return layout.rows, layout.meta
 
 
 def read_shard(
-    path: str | os.PathLike, keys: list[str] | None = None
+    path: str | os.PathLike, keys: list[str] | None = None, verify: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
-    """Load a shard: (tensors, index rows, metadata). ``keys`` restricts which tensors are read."""
+    """Load a shard: (tensors, index rows, metadata). ``keys`` restricts which tensors are read.
+
+    Every tensor returned is checked against its checksum (``verify=False`` skips that, never the header
+    checks).
+
+    Raises:
+        DamagedFileError: the shard is truncated, unparsable or fails a checksum (names the shard).
+    """
+    layout = inspect_shard(path)
+    wanted = list(layout.header.tensors) if keys is None else list(keys)
+    absent = [k for k in wanted if k not in layout.header.tensors]
+    if absent:
+        raise UserFacingError(f"{path} has no tensor {absent[0]!r} (it has {sorted(layout.header.tensors)})")
     tensors = {}
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-        for key in handle.keys() if keys is None else keys:
-            tensors[key] = handle.get_tensor(key)
-    return tensors, json.loads(header.get(ROWS_KEY, "[]")), json.loads(header.get(META_KEY, "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in wanted:
+                tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise damaged(
+            path, str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__, SHARD_FIX
+        ) from None
+    if verify:
+        for key, tensor in tensors.items():
+            verify_bytes(layout, key, [tensor_bytes(tensor)])
+    return tensors, layout.rows, layout.meta
 
 
 def iter_index(directory: str | os.PathLike, prefix: str | None = None) -> Iterator[dict[str, Any]]:
@@ -101,6 +216,7 @@ def iter_index(directory: str | os.PathLike, prefix: str | None = None) -> Itera
             yield {**row, "shard": info.path.name, "row": position}
 
 
+# ------------------------------------------------------------------------------------------------ writers
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -115,52 +231,69 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_shard_atomic(
-    path: Path, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]], meta: dict[str, Any]
-) -> None:
-    """Write one shard to a temporary name, fsync, and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    header = {ROWS_KEY: json.dumps(rows), META_KEY: json.dumps(meta), "format": "pt"}
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    checksums: bool | Future | None = None,
+) -> tuple[float, float]:
+    """Write one shard to a temporary name, fsync, and rename it into place.
 
+    Args:
+        checksums: write checksums (default :data:`WRITE_CHECKSUMS`), or a
+            :func:`~hf_gradext.store.safetensors_file.start_checksums` future of ``tensors`` started earlier.
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary name, fsync, and rename it into place: a reader never sees half a file."""
+    Returns:
+        ``(seconds hashing, seconds the write waited for the checksums)`` (hashing runs in a helper thread).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    rows_json, meta_json = json.dumps(rows), json.dumps(meta)
+
+    def metadata_for(sums: dict[str, str] | None) -> dict[str, str]:
+        header = {ROWS_KEY: rows_json, META_KEY: meta_json, "format": "pt"}
+        if sums is None:
+            return header
+        records = json.dumps({k: _tensor_record(contiguous[k], sums[k]) for k in sorted(contiguous)})
+        crc = _header_crc(rows_json, meta_json, records)  # fixed width: placeholder pass included
+        return {**header, FORMAT_KEY: str(FORMAT), CHECKSUMS_KEY: records, HEADER_CRC_KEY: crc}
+
     try:
-        with open(tmp, "w") as handle:
-            handle.write(json.dumps(obj, indent=1, sort_keys=False, default=str))
+        with open(tmp, "wb") as handle:
+            timings = write_safetensors(
+                handle, contiguous, metadata_for, WRITE_CHECKSUMS if checksums is None else checksums
+            )
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    return timings
 
 
-def ensure_writable_dir(directory: str | os.PathLike, flag: str) -> Path:
-    """Create ``directory`` and prove it is writable, or raise a one-line error naming ``flag``."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UserFacingError(f"{flag}={directory} is a file, not a directory; pass a directory path")
+def write_json_atomic(path: str | os.PathLike, obj: Any, flag: str = "") -> None:
+    """Write JSON to a temporary name, fsync, and rename it into place: a reader never sees half a file.
+
+    Raises:
+        StoreWriteError: the disk is full or read-only (one line naming ``path`` and ``flag``).
+    """
+    path = Path(path)
+    text = json.dumps(obj, indent=1, sort_keys=False, default=str)  # before the file exists: no half file
+    tmp = temp_path(path)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserFacingError(
-            f"{flag}={directory} is not writable ({exc.strerror or exc}); choose a writable directory"
-        ) from None
-    return directory
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and is_disk_error(exc):
+            raise StoreWriteError(str(disk_error(path, flag, exc))) from exc
+        raise
 
 
 _STOP = object()
@@ -197,6 +330,9 @@ class ShardWriter:
         self.next_seq = existing[-1].seq + 1 if existing else 0
         self.written: list[Path] = []
         self.bytes_written = 0
+        self.seconds_writing = 0.0  # whole shard writes (checksums, serialization, fsync, rename)
+        self.seconds_checksumming = 0.0  # hashing, in a helper thread started when a shard is queued
+        self.seconds_waiting_checksums = 0.0  # the part of seconds_writing spent waiting for the hashes
         self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
         self._thread = threading.Thread(target=self._run, name=f"ShardWriter-{prefix}", daemon=True)
@@ -231,8 +367,11 @@ class ShardWriter:
         path = self.directory / shard_name(self.prefix, self.rank, self.next_seq)
         self.next_seq += 1
         # Detach from autograd and the device now: the caller may reuse its buffers right away.
-        cpu = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-        self._queue.put((path, cpu, list(rows or []), dict(meta or {})))
+        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        # Hashing starts now, in a helper thread, while earlier shards are still being written: the writer
+        # then rarely waits for it.
+        sums = start_checksums(cpu) if WRITE_CHECKSUMS else False
+        self._queue.put((path, cpu, list(rows or []), dict(meta or {}), sums))
         return path
 
     def _run(self) -> None:
@@ -243,9 +382,13 @@ class ShardWriter:
                     return
                 if self._error is not None:
                     continue  # drain without writing: nothing after a failure may land
-                path, tensors, rows, meta = item
+                path, tensors, rows, meta, sums = item
                 try:
-                    write_shard_atomic(path, tensors, rows, meta)
+                    start = time.perf_counter()
+                    hashing, waited = write_shard_atomic(path, tensors, rows, meta, checksums=sums)
+                    self.seconds_writing += time.perf_counter() - start
+                    self.seconds_checksumming += hashing
+                    self.seconds_waiting_checksums += waited
                     self.written.append(path)
                     self.bytes_written += path.stat().st_size
                 except BaseException as exc:  # disk full, permissions, ...

@@ -5,6 +5,10 @@ to the same run without collection: statistics only, norms to disk, full per-sam
 (training mode, from the training backward), and the ``loop`` baseline (one backward per sample,
 separate mode). For ``full`` also the achieved write rate against the disk's sequential write speed
 measured with ``dd`` in the same run (target on a GPU: >= 70% of it whenever compute is faster than disk).
+The shard checksums' cost, from the shard writer's own timers: ``checksum_wait_share_of_write`` (seconds
+the writes waited for their checksums / seconds writing shards; target < 3%: hashing starts in a helper
+thread when a shard is queued and overlaps earlier writes), ``checksum_cpu_share_of_write`` (seconds
+hashing / seconds writing: the CPU it takes), and ``full_disk_nocrc`` (checksums off) next to ``full_disk``.
 
 CPU (what runs here; tiny config, fp32):
     python recipes/benchmarks/bench_collection.py
@@ -13,7 +17,7 @@ GPU (GPT-2 small, B=8, T=512, bf16 autocast; target: stats only <= 1.15x the ste
 
 Step time = wall time between ``on_step_begin`` and ``on_step_end`` (CUDA synchronized; includes the
 collection callback's work), after ``--warmup`` steps. Variants are interleaved over ``--rounds`` rounds
-so that load from other processes hits all of them alike; the CSV reports the minimum (best, least
+(in an order rotated every round) so that load from other processes and the page cache hit all of them alike; the CSV reports the minimum (best, least
 disturbed; ratios use it) and the median over all measured steps. On CPU torch uses ``--threads``
 threads. Results go to a long-format CSV next to this file (``bench_collection.csv``; ``--out``).
 """
@@ -40,6 +44,8 @@ VARIANTS: dict[str, dict | None] = {
     "stats": {"gradient_collection_save": "stats"},
     "norms_disk": {"gradient_collection_save": "norms"},
     "full_disk": {"gradient_collection_save": "full"},
+    # the same without the shard checksums (hf_gradext.store.shards.WRITE_CHECKSUMS off): what they cost
+    "full_disk_nocrc": {"gradient_collection_save": "full"},
     "loop_stats": {
         "gradient_collection_save": "stats",
         "gradient_collection_mode": "separate",
@@ -121,6 +127,9 @@ def run_variant(
             gradient_collection_memory_budget_mb=args.budget_mb,
             **flags,
         )
+    from hf_gradext.store import shards
+
+    shards.WRITE_CHECKSUMS = not name.endswith("_nocrc")
     trainer = GradExtTrainer(model=model, args=GradExtArguments(**kw), train_dataset=rows)
     trainer.add_callback(Timer())
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -129,7 +138,19 @@ def run_variant(
         trainer.remove_callback(quiet)
     # The collection callback is registered first, so the timer's on_step_end includes its work.
     trainer.train()
+    shards.WRITE_CHECKSUMS = True
     result = {"step_time_s": times[args.warmup :]}
+    sinks = [getattr(cb, "sink", None) for cb in trainer.callback_handler.callbacks]
+    writers = [s.writer for s in sinks if s is not None]
+    if writers:
+        writing = sum(w.seconds_writing for w in writers)
+        hashing = sum(w.seconds_checksumming for w in writers)
+        waited = sum(w.seconds_waiting_checksums for w in writers)
+        result["shard_write_s"] = [writing]
+        result["checksum_cpu_s"] = [hashing]
+        result["checksum_wait_s"] = [waited]
+        result["checksum_cpu_share_of_write"] = [hashing / writing if writing else 0.0]
+        result["checksum_wait_share_of_write"] = [waited / writing if writing else 0.0]
     logs = [h for h in trainer.state.log_history if "grad_collection/peak_memory_mb" in h]
     if logs:
         result["collection_peak_extra_mb"] = [max(h["grad_collection/peak_memory_mb"] for h in logs)]
@@ -139,6 +160,19 @@ def run_variant(
         result["bytes_per_step_mb"] = [total / steps / 2**20]
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def _timer_totals(r: dict[str, list[float]]) -> dict[str, float]:
+    if "shard_write_s" not in r:
+        return {}
+    writing, hashing, waited = (sum(r[k]) for k in ("shard_write_s", "checksum_cpu_s", "checksum_wait_s"))
+    return {
+        "shard_write_s": writing,
+        "checksum_cpu_s": hashing,
+        "checksum_wait_s": waited,
+        "checksum_cpu_share_of_write": hashing / writing if writing else 0.0,
+        "checksum_wait_share_of_write": waited / writing if writing else 0.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",")
     raw: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     for round_ in range(args.rounds):
-        for name in names:
+        # Rotate the order every round: a variant run right after one that wrote a lot inherits its dirty
+        # page writeback (measured: the second of two disk variants wrote 2x slower, whichever it was).
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             for metric, values in run_variant(name, VARIANTS[name], args, workdir).items():
                 raw[name].setdefault(metric, []).extend(values)
             print(f"round {round_} {name}: {raw[name]['step_time_s'][-args.steps :]}", flush=True)
@@ -195,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         name: {
             "step_time_min_s": min(r["step_time_s"]),
             "step_time_median_s": statistics.median(r["step_time_s"]),
-            **{m: max(v) for m, v in r.items() if m != "step_time_s"},
+            # shard-writer timers: summed over rounds (a ratio of sums, not the worst round)
+            **{
+                m: max(v)
+                for m, v in r.items()
+                if m != "step_time_s" and not m.startswith(("shard_", "checksum_"))
+            },
+            **_timer_totals(r),
         }
         for name, r in raw.items()
     }
@@ -203,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     plain_median = results.get("none", {}).get("step_time_median_s")
     for name, res in results.items():
         for metric, value in res.items():
-            unit = "s" if metric.endswith("_s") else "MiB"
+            unit = (
+                "s" if metric.endswith("_s") else "fraction" if metric.endswith("_share_of_write") else "MiB"
+            )
             records.append(_common.row(base, name, metric, value, unit))
         if plain:
             ratio = res["step_time_min_s"] / plain

@@ -4,6 +4,9 @@
 #   bash recipes/benchmarks/gpu_run.sh engine     # per-sample gradients, projection, collection
 #   bash recipes/benchmarks/gpu_run.sh train      # GPT-2 patches (+ torch.compile), GQC overhead
 #   bash recipes/benchmarks/gpu_run.sh quality    # GQC vs fixed accumulation at equal data
+#   bash recipes/benchmarks/gpu_run.sh pareto     # eval loss vs optimizer steps at equal data, seed 0
+#   bash recipes/benchmarks/gpu_run.sh pareto2    # seeds 1, 2, then the 3-seed table + PNG of both parts
+#     (pareto2 reads $DEST/gqc_pareto_cuda_s0.csv: run it on the same machine, or copy that CSV back in)
 # Wheels from gpu_wheels.sh (carried as .whl) are installed into /tmp/site first. Results (CSV, PNG,
 # one log per part with the environment) go to $OUT, which the device tool brings back, else
 # ./gpu_results. Commit the CSVs with their device/versions/date columns.
@@ -13,8 +16,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python3}"
-PART="${1:?usage: gpu_run.sh engine|train|quality}"
-case "$PART" in engine|train|quality) ;; *) echo "unknown part $PART: engine, train or quality" >&2; exit 2 ;; esac
+PART="${1:?usage: gpu_run.sh engine|train|quality|pareto|pareto2}"
+case "$PART" in engine|train|quality|pareto|pareto2) ;; *) echo "unknown part $PART: engine, train, quality, pareto or pareto2" >&2; exit 2 ;; esac
 DEST="${OUT:-$PWD/gpu_results}"
 mkdir -p "$DEST"
 LOG="$DEST/$PART.log"
@@ -31,12 +34,14 @@ if [ "${TOY:-0}" = 1 ]; then
   COLL=(--steps 1 --warmup 1 --rounds 1 --dd-mib 4); PSTEPS=(--reps 1 --steps 1 --warmup 1 --mask_calls 5)
   RANK=(--rank 64); GQC_ENV=(BENCH_REPEATS=1)
   Q_ENV=(QUALITY_EPOCHS=1 QUALITY_TRAIN_BLOCKS=128 QUALITY_EVAL_BLOCKS=8 QUALITY_VARIANTS=fixed_ga1,gnts_rel0.8)
+  PARETO=(--smoke)
   SUFFIX=_toy
 else
   SMALL=(--device cuda --model gpt2-small --batch 8 --seq 512 --bf16)
   PATCH=(--device cuda --model gpt2-small --seq 1024 --batch 4 --bf16 --compile)
   REPS=(); ROUNDS=(); COLL=(); PSTEPS=(); RANK=(--rank 256)
   GQC_ENV=(BENCH_DEVICE=cuda); Q_ENV=(QUALITY_DEVICE=cuda)
+  PARETO=(--device cuda)  # GPT-2 small, bf16, B8 T256, 256 microbatches per run, all 18 variants
   SUFFIX=_cuda
 fi
 run() {  # name, time limit (s), command...: one benchmark, its output appended to the part's log
@@ -62,5 +67,12 @@ case "$PART" in
     ;;
   quality)
     run gqc_quality 560 env "${Q_ENV[@]}" QUALITY_OUT="$DEST/gqc_quality$SUFFIX" "$PY" $B/gqc_quality.py
+    ;;
+  pareto)
+    run gqc_pareto 570 "$PY" $B/gqc_pareto.py "${PARETO[@]}" --seeds 0 --out "$DEST/gqc_pareto${SUFFIX}_s0.csv"
+    ;;
+  pareto2)
+    run gqc_pareto 570 "$PY" $B/gqc_pareto.py "${PARETO[@]}" --seeds 1,2 --out "$DEST/gqc_pareto${SUFFIX}_s12.csv"
+    run gqc_pareto_merge 60 "$PY" $B/gqc_pareto.py --from-csv "$DEST/gqc_pareto${SUFFIX}_s0.csv,$DEST/gqc_pareto${SUFFIX}_s12.csv" --out "$DEST/gqc_pareto$SUFFIX.csv"
     ;;
 esac

@@ -138,18 +138,17 @@ def test_shards_of_a_checkpointed_step_are_on_disk_when_the_checkpoint_is(tmp_pa
 
 
 def _fail_on_call(monkeypatch, n):
-    real = shards_mod.save_file
+    real = shards_mod.write_safetensors
     calls = {"n": 0}
 
-    def flaky(tensors, filename, metadata=None):
+    def flaky(handle, tensors, metadata_for, checksums):
         calls["n"] += 1
         if calls["n"] >= n:
-            with open(filename, "wb") as handle:  # a partial file, then the disk is full
-                handle.write(b"\x00" * 64)
+            handle.write(b"\x00" * 64)  # a partial file, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
+        return real(handle, tensors, metadata_for, checksums)
 
-    monkeypatch.setattr(shards_mod, "save_file", flaky)
+    monkeypatch.setattr(shards_mod, "write_safetensors", flaky)
 
 
 def test_disk_full_raises_clear_error_and_keeps_complete_shards(tmp_path, monkeypatch):

@@ -17,9 +17,11 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (CI's); 3.10 users sk
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _declared() -> dict[str, Requirement]:
+def _declared(extras: bool = False) -> dict[str, Requirement]:
+    """``[project] dependencies`` (with ``extras``: and the ``dev`` extra) by lower-case name."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"]]
+    lines = project["dependencies"] + (project["optional-dependencies"]["dev"] if extras else [])
+    reqs = [Requirement(r) for r in lines]
     return {r.name.lower(): r for r in reqs}
 
 
@@ -32,9 +34,10 @@ def _locked() -> dict[str, str]:
     return pins
 
 
+# Guarded packages are direct dependencies, or dev extras for optional integrations (trl).
 @pytest.mark.parametrize("package", sorted(guard.SUPPORTED))
 def test_guard_ranges_are_the_declared_ones(package):
-    declared = _declared()[package]
+    declared = _declared(extras=True)[package]
     assert str(declared.specifier) == str(Requirement(package + guard.SUPPORTED[package]).specifier)
 
 
@@ -43,19 +46,28 @@ def test_oldest_tested_release_is_the_locked_floor(package):
     locked = _locked()
     assert locked[package] == guard.TESTED[package][0]
     # Every tested release is inside the declared range.
-    spec = _declared()[package].specifier
+    spec = _declared(extras=True)[package].specifier
     assert all(Version(v) in spec for v in guard.TESTED[package])
 
 
 def test_lock_pins_every_direct_dependency_at_its_floor():
     locked = _locked()
-    for name, req in _declared().items():
+    # The dev extra too: lock.sh resolves it with the same lowest-direct strategy.
+    for name, req in _declared(extras=True).items():
         assert name in locked, f"{name} missing from requirements/locked.txt"
         floors = [s.version for s in req.specifier if s.operator == ">="]
         if floors:
             assert Version(locked[name].split("+")[0]) == Version(floors[0]), (
                 f"{name}: locked {locked[name]} is not the declared floor {floors[0]}"
             )
+
+
+@pytest.mark.parametrize("package", sorted(set(guard.SUPPORTED) - set(_declared())))
+def test_installed_optional_integration_is_inside_its_supported_range(package):
+    version = guard.installed_version(package)
+    if version == "not installed":
+        pytest.skip(f"{package} is not installed (an optional dev extra)")
+    assert Version(version) in Requirement(package + guard.SUPPORTED[package]).specifier
 
 
 @pytest.mark.parametrize("package", sorted(_declared()))

@@ -113,7 +113,7 @@ def test_write_json_atomic_failure_keeps_the_old_file_and_no_temp(tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(UserFacingError, match=r"a\.json failed \(No space left on device\)"):
         write_json_atomic(tmp_path / "a.json", {"x": 2})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -70,18 +70,17 @@ def test_ranks_and_prefixes_do_not_collide(tmp_path):
 
 
 def test_disk_full_keeps_completed_shards_and_raises_one_clear_error(tmp_path, monkeypatch):
-    real_save = shards_mod.save_file
+    real_save = shards_mod.write_safetensors
     calls = {"n": 0}
 
-    def flaky_save(tensors, filename, metadata=None):
+    def flaky_save(handle, tensors, metadata_for, checksums):
         calls["n"] += 1
         if calls["n"] == 3:  # a partial file, then the disk is full
-            with open(filename, "wb") as handle:
-                handle.write(b"\x00" * 64)
+            handle.write(b"\x00" * 64)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, filename, metadata=metadata)
+        return real_save(handle, tensors, metadata_for, checksums)
 
-    monkeypatch.setattr(shards_mod, "save_file", flaky_save)
+    monkeypatch.setattr(shards_mod, "write_safetensors", flaky_save)
     writer = ShardWriter(tmp_path, prefix="g", flag="--gradient_collection_dir")
     for step in range(2):
         writer.write({"v": torch.full((3,), float(step))}, _rows(step, 1))
@@ -104,14 +103,14 @@ _KILLED_WRITER = textwrap.dedent(
     """
     import sys, torch
     from hf_gradext.store import ShardWriter, shards
-    real = shards.save_file
-    def slow_save(tensors, filename, metadata=None):
-        if "000001" in filename:
-            open(filename, "wb").write(b"partial")
+    real = shards.write_safetensors
+    def slow_save(handle, tensors, metadata_for, checksums):
+        if "000001" in handle.name:
+            handle.write(b"partial"); handle.flush()
             print("WRITING", flush=True)
             import time; time.sleep(60)
-        return real(tensors, filename, metadata=metadata)
-    shards.save_file = slow_save
+        return real(handle, tensors, metadata_for, checksums)
+    shards.write_safetensors = slow_save
     w = ShardWriter(sys.argv[1], prefix="k")
     w.write({"v": torch.ones(4)}, [{"step": 0}])
     w.flush()
@@ -139,15 +138,15 @@ def test_writer_killed_mid_shard_leaves_only_complete_shards(tmp_path):
 
 
 def test_bounded_queue_blocks_caller_until_disk_catches_up(tmp_path, monkeypatch):
-    real_save = shards_mod.save_file
+    real_save = shards_mod.write_safetensors
     in_flight = []
 
-    def slow_save(tensors, filename, metadata=None):
-        in_flight.append(filename)
+    def slow_save(handle, tensors, metadata_for, checksums):
+        in_flight.append(handle.name)
         time.sleep(0.05)
-        return real_save(tensors, filename, metadata=metadata)
+        return real_save(handle, tensors, metadata_for, checksums)
 
-    monkeypatch.setattr(shards_mod, "save_file", slow_save)
+    monkeypatch.setattr(shards_mod, "write_safetensors", slow_save)
     with ShardWriter(tmp_path, max_queue=1) as writer:
         for _ in range(4):
             writer.write({"v": torch.zeros(2)})

@@ -1,0 +1,178 @@
+"""``--gqc gns_sample`` inside GradExtTrainer: per-sample norms from the training backward vs a float64 oracle.
+
+Oracle: a float64 copy of the initial model; each sample's own mean-token-loss gradient by a separate
+backward per sample (no capture engine), its squared norm, and the window's token-mean gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _gqc_tiny import SEQ, VOCAB, gqc_args, tiny_model, token_dataset
+
+from hf_gradext.gqc import noise
+from hf_gradext.gqc.controllers import GNSSample
+from hf_gradext.gqc.sample_norms import SampleNormCapture
+from hf_gradext.trainer import GradExtTrainer
+
+
+class _Recorder:
+    """Microbatch observer keeping every training microbatch's inputs."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def before_microbatch(self, trainer, inputs, num_items_in_batch):
+        self.inputs.append({k: v.detach().clone() for k, v in inputs.items()})
+
+    def after_microbatch(self, trainer, inputs, loss):
+        pass
+
+
+def _train(tmp_path, data, model=None, observers=(), **overrides):
+    kw = dict(gqc="gns_sample", gqc_max_microbatches=4, max_grad_norm=0.0)
+    trainer = GradExtTrainer(
+        model or tiny_model(), args=gqc_args(tmp_path, **{**kw, **overrides}), train_dataset=data
+    )
+    for obs in observers:
+        trainer.add_microbatch_observer(obs)
+    trainer.train()
+    return trainer
+
+
+def _windows(trainer):
+    return [e["gqc/microbatches"] for e in trainer.state.log_history if "gqc/microbatches" in e]
+
+
+def _oracle_per_sample(model64, mb):
+    """(B, P) float64 gradients of each sample's own mean token loss over every parameter; (B,) label counts."""
+    params = [p for p in model64.parameters() if p.requires_grad]
+    rows, counts = [], []
+    for i in range(mb["input_ids"].shape[0]):
+        ids, labels = mb["input_ids"][i : i + 1], mb["labels"][i : i + 1]
+        out = model64(input_ids=ids, attention_mask=mb["attention_mask"][i : i + 1])
+        logits = out.logits[:, :-1]  # (1, T-1, V)
+        target = labels[:, 1:]
+        n = int(target.ne(-100).sum())
+        counts.append(n)
+        if n == 0:  # no label token: the sample's gradient is 0 by the loss convention
+            rows.append(torch.zeros(sum(p.numel() for p in params), dtype=torch.float64))
+            continue
+        token_sum = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, VOCAB), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        loss = token_sum / n
+        grads = torch.autograd.grad(loss, params)
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows), torch.tensor(counts, dtype=torch.float64)
+
+
+def test_loop_per_sample_norms_and_window_statistics_equal_a_float64_oracle(tmp_path, monkeypatch):
+    data = token_dataset(24, ragged=True)
+    data[2]["labels"][:] = -100  # a sample without label tokens: weight 0, not counted
+    init = tiny_model()
+    seen_sq, seen_obs = [], []
+    real_sq, real_decide = SampleNormCapture.sq_norms, GNSSample.decide
+
+    def record_sq(self):
+        sq = real_sq(self)
+        seen_sq.append(sq.detach().clone())
+        return sq
+
+    def record_decide(self, obs):
+        seen_obs.append(obs)
+        return real_decide(self, obs)
+
+    monkeypatch.setattr(SampleNormCapture, "sq_norms", record_sq)
+    monkeypatch.setattr(GNSSample, "decide", record_decide)
+    rec = _Recorder()
+    # threshold 0: never passes on noisy data, so the first window runs to the cap at the initial weights
+    trainer = _train(
+        tmp_path,
+        data,
+        model=copy.deepcopy(init),
+        observers=[rec],
+        gqc_threshold_start=0.0,
+        gqc_max_microbatches=3,
+        max_steps=1,
+    )
+    assert _windows(trainer) == [3]
+    model64 = copy.deepcopy(init).double()
+    window_grads, window_counts = [], []
+    for j, mb in enumerate(rec.inputs[:3]):
+        grads, counts = _oracle_per_sample(model64, mb)  # (B, P), (B,)
+        torch.testing.assert_close(seen_sq[j].double(), grads.pow(2).sum(1), rtol=2e-4, atol=1e-7)
+        window_grads.append(grads)
+        window_counts.append(counts)
+        mb_stats = seen_obs[j].sample_stats  # this microbatch's four numbers (after the reduction)
+        assert mb_stats.count == int(counts.gt(0).sum())  # the label-less sample is not a draw
+        assert mb_stats.weight_sum == float(counts.sum())
+        assert mb_stats.weight_sq_sum == float(counts.pow(2).sum())
+        assert mb_stats.sq_sum == pytest.approx(float(grads.pow(2).sum()), rel=2e-4)
+        stats = sum((o.sample_stats for o in seen_obs[1 : j + 1]), seen_obs[0].sample_stats)  # the window's
+        g = torch.cat(window_grads)  # (N, P) every sample of the window so far
+        n = torch.cat(window_counts)  # (N,)
+        g_w = (n[:, None] * g).sum(0) / n.sum()  # (P,) the window's token-mean gradient
+        assert seen_obs[j].mean_grad_norm == pytest.approx(float(g_w.norm()), rel=1e-4)
+        # the estimate the controller decided on, against the closed form from explicit gradients
+        est = noise.estimate_noise(stats, seen_obs[j].mean_grad_norm ** 2)
+        real = n.gt(0)
+        s, m, w2 = float(g[real].pow(2).sum(1).mean()), float(g_w @ g_w), float((n**2).sum() / n.sum() ** 2)
+        assert est.trace_sigma == pytest.approx((s - m) / (1 - w2), rel=1e-3)
+        assert est.signal_sq == pytest.approx((m - w2 * s) / (1 - w2), rel=1e-3)
+
+
+def test_steps_on_the_first_draw_when_per_sample_noise_is_low_and_grows_windows_when_high(tmp_path):
+    # Low noise: every sample is the same sequence, so every per-sample gradient is the same: tr(Sigma) ~ 0.
+    ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(3))
+    same = [
+        {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(SEQ, dtype=torch.long)}
+    ] * 24
+    low = _train(tmp_path / "low", same, gqc_threshold_start=0.5)
+    assert _windows(low) == [1] * 6
+    assert all(e["gqc/b_simple"] < 1e-2 for e in low.state.log_history if "gqc/b_simple" in e)
+    # High noise: random sequences at a tight tolerance: windows grow (here to the cap).
+    high = _train(tmp_path / "high", token_dataset(48), gqc_threshold_start=0.05)
+    assert sum(_windows(high)) == 12 and max(_windows(high)) == 4 and len(_windows(high)) < 12
+
+
+def _patterns(n: int = 48, k: int = 3):
+    """``n`` samples cycling through ``k`` fixed sequences: per-sample noise between the two cases above."""
+    g = torch.Generator().manual_seed(3)
+    pats = [torch.randint(0, VOCAB, (SEQ,), generator=g) for _ in range(k)]
+    mask = torch.ones(SEQ, dtype=torch.long)
+    return [
+        {"input_ids": pats[i % k], "labels": pats[i % k].clone(), "attention_mask": mask} for i in range(n)
+    ]
+
+
+def test_gns_sample_resumes_with_identical_decisions(tmp_path):
+    kw = dict(
+        gqc_threshold_start=0.3, gqc_gns_ema=0.5, save_strategy="steps", save_steps=2, num_train_epochs=2
+    )
+    full = _train(tmp_path / "full", _patterns(), **kw)
+    args = gqc_args(tmp_path / "resumed", gqc="gns_sample", gqc_max_microbatches=4, max_grad_norm=0.0, **kw)
+    resumed = GradExtTrainer(tiny_model(), args=args, train_dataset=_patterns())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+
+    def after_2(t):
+        return [
+            (e["step"], e["gqc/microbatches"], e["gqc/b_simple"])
+            for e in t.state.log_history
+            if "gqc/microbatches" in e and e["step"] > 2
+        ]
+
+    a, b = after_2(full), after_2(resumed)
+    assert len(a) > 3 and len({x[1] for x in a}) > 1  # windows of several sizes: decisions matter
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-4)
+
+
+def test_gns_sample_needs_labels_for_its_capture(tmp_path):
+    from hf_gradext.errors import UserFacingError
+
+    data = [{"input_ids": r["input_ids"]} for r in token_dataset(8)]
+    with pytest.raises(UserFacingError, match="labels"):
+        _train(tmp_path, data, gqc_threshold_start=1.0)
