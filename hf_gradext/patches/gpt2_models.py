@@ -53,8 +53,8 @@ def _patch_modules(gpt2: GPT2Model) -> None:
         gpt2.__class__ = GradExtGPT2Model  # its _init_weights then covers the SwiGLU down projection
 
 
-class GradExtGPT2Model(GPT2Model):
-    """``GPT2Model`` with the norms / MLPs its :class:`GPT2GradExtConfig` asks for."""
+class _NativeGPT2Init:
+    """What both patched classes share: their config class and native GPT-2 weight init."""
 
     config_class = GPT2GradExtConfig
 
@@ -64,38 +64,29 @@ class GradExtGPT2Model(GPT2Model):
         code and then skips the init of parameter-less modules, e.g. ``GPT2Attention``'s residual-scaled
         ``c_proj`` (checked: :func:`hf_gradext.integrations.gpt2.check_construction_touchpoints`)."""
         return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # type: ignore[misc]
+        _init_swiglu(self.config, module)  # type: ignore[attr-defined]
+
+
+class GradExtGPT2Model(_NativeGPT2Init, GPT2Model):
+    """``GPT2Model`` with the norms / MLPs its :class:`GPT2GradExtConfig` asks for."""
 
     def post_init(self) -> None:
         touchpoints.check_construction_touchpoints()
         _patch_modules(self)
         super().post_init()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        _init_swiglu(self.config, module)
 
-
-class GradExtGPT2LMHeadModel(GPT2LMHeadModel):
+class GradExtGPT2LMHeadModel(_NativeGPT2Init, GPT2LMHeadModel):
     """``GPT2LMHeadModel`` whose ``transformer`` is a :class:`GradExtGPT2Model`."""
-
-    config_class = GPT2GradExtConfig
-
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        """``False``: initialize as native GPT-2. transformers treats classes defined outside it as custom
-        code and then skips the init of parameter-less modules, e.g. ``GPT2Attention``'s residual-scaled
-        ``c_proj`` (checked: :func:`hf_gradext.integrations.gpt2.check_construction_touchpoints`)."""
-        return False
 
     def post_init(self) -> None:
         touchpoints.check_construction_touchpoints()
         touchpoints.check_lm_head_layout(self)
         _patch_modules(self.transformer)
         super().post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        _init_swiglu(self.config, module)
 
 
 # Stock class -> patched class, for retyping an existing model (apply_gradext_to_gpt2(model=...)).
