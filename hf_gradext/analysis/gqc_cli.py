@@ -2,7 +2,8 @@
 
 Reads ``log_history`` (per-step ``gqc/*`` entries written with ``--logging_steps 1``), prints a short
 summary, and writes two PNGs: microbatches per optimizer step, and the tested gradient norm against
-the threshold. ``RUN_DIR`` may be the output dir (its ``trainer_state.json`` or, if absent, its latest
+the threshold (in the units of the run's controller, read from its ``gqc_state.json``), with the steps
+forced by ``--gqc_max_microbatches`` marked. ``RUN_DIR`` may be the output dir (its ``trainer_state.json`` or, if absent, its latest
 ``checkpoint-*``) or a checkpoint dir.
 """
 
@@ -70,44 +71,120 @@ def summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _save_fig(fig, path: str) -> None:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)  # a killed run never leaves a half PNG under the final name
+# What each controller's logged ``gqc/threshold`` is (the number its decision compared against).
+THRESHOLD_MEANING = {
+    "gnts": "gradient-norm threshold (L2 norm)",
+    "sbc": "logical batch size (samples)",
+    "gns": "noise tolerance (ratio)",
+    "gns_sample": "noise tolerance (ratio)",
+    "seesaw": "target microbatches per step",
+    "mht": "percent error threshold (%)",
+}
 
 
-def plot(log_history: list[dict[str, Any]], out_dir: str) -> list[str]:
-    """Write ``gqc_microbatches.png`` and ``gqc_norm_vs_threshold.png`` into ``out_dir``."""
-    import matplotlib
+def find_controller(state_path: str, run_dir: str) -> str | None:
+    """The controller name recorded in the run's ``gqc_state.json`` (next to ``state_path``, else in the
+    latest checkpoint of ``run_dir``); ``None`` when the run saved none."""
+    from hf_gradext.gqc.run import GQC_STATE_NAME
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    candidates = [os.path.join(os.path.dirname(state_path), GQC_STATE_NAME)]
+    checkpoints = sorted(
+        (int(m.group(1)), name)
+        for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
+        if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+    )
+    candidates += [os.path.join(run_dir, name, GQC_STATE_NAME) for _, name in reversed(checkpoints)]
+    for path in candidates:
+        if os.path.isfile(path):
+            state = read_json(path, "pass the run's --output_dir with an intact checkpoint, or ignore it")
+            return (state.get("core") or {}).get("controller") if isinstance(state, dict) else None
+    return None
+
+
+def capped_flags(steps: list[dict[str, Any]]) -> list[bool]:
+    """Per log entry: did a step forced by ``--gqc_max_microbatches`` happen since the previous entry?"""
+    flags, before = [], 0.0
+    for entry in steps:
+        now = float(entry.get("gqc/capped_steps", before))
+        flags.append(now > before)
+        before = now
+    return flags
+
+
+def plot(log_history: list[dict[str, Any]], out_dir: str, controller: str | None = None) -> list[str]:
+    """Write ``gqc_microbatches.png`` and ``gqc_norm_vs_threshold.png`` into ``out_dir``.
+
+    ``controller`` (the run's ``--gqc``) names the threshold's units; for ``gnts`` the threshold is a
+    gradient norm and shares the norm's axis, for the others it gets its own panel. Steps forced by the
+    microbatch cap are marked on both figures.
+    """
+    from hf_gradext.analysis.plots import plt, save_figure
 
     steps = gqc_steps(log_history)
     x = [e.get("step", i + 1) for i, e in enumerate(steps)]
+    capped = capped_flags(steps)
+    capped_x = [xi for xi, c in zip(x, capped) if c]
+    cap_label = "step forced by --gqc_max_microbatches"
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
+    name = f" ({controller})" if controller else ""
+    paths = [
+        os.path.join(out_dir, "gqc_microbatches.png"),
+        os.path.join(out_dir, "gqc_norm_vs_threshold.png"),
+    ]
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(x, [e["gqc/microbatches"] for e in steps], drawstyle="steps-mid")
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    k = [e["gqc/microbatches"] for e in steps]
+    ax.plot(x, k, drawstyle="steps-mid", label="microbatches drawn")
+    if capped_x:
+        ax.scatter(
+            capped_x, [ki for ki, c in zip(k, capped) if c], marker="x", color="C3", label=cap_label, zorder=3
+        )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("microbatches per step")
-    ax.set_title("GQC: microbatches drawn per optimizer step")
-    paths.append(os.path.join(out_dir, "gqc_microbatches.png"))
-    _save_fig(fig, paths[-1])
-    plt.close(fig)
+    ax.set_ylabel("microbatches per optimizer step")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"GQC{name}: microbatches drawn per optimizer step")
+    ax.legend(loc="best", fontsize=8)
+    save_figure(fig, paths[0])
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(x, [e.get("gqc/grad_norm", float("nan")) for e in steps], label="tested mean-gradient norm")
-    ax.plot(x, [e.get("gqc/threshold", float("nan")) for e in steps], label="threshold", linestyle="--")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.legend()
-    ax.set_title("GQC: norm at decision vs threshold")
-    paths.append(os.path.join(out_dir, "gqc_norm_vs_threshold.png"))
-    _save_fig(fig, paths[-1])
-    plt.close(fig)
+    norms = [e.get("gqc/grad_norm", float("nan")) for e in steps]
+    thresholds = [e.get("gqc/threshold", float("nan")) for e in steps]
+    shared = controller == "gnts"
+    if shared:
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        axes = [ax, ax]
+    else:
+        fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    norm_ax, threshold_ax = axes
+    norm_ax.plot(x, norms, label="tested mean-gradient norm")
+    if capped_x:
+        norm_ax.scatter(
+            capped_x,
+            [n for n, c in zip(norms, capped) if c],
+            marker="x",
+            color="C3",
+            label=cap_label,
+            zorder=3,
+        )
+    meaning = THRESHOLD_MEANING.get(controller or "", "threshold (in the controller's units)")
+    threshold_ax.plot(x, thresholds, label=f"threshold: {meaning}", linestyle="--", color="C1")
+    _log_if_positive(norm_ax, norms)
+    norm_ax.set_ylabel("L2 norm of the window's\nmean gradient")
+    if not shared:
+        _log_if_positive(threshold_ax, thresholds)
+        threshold_ax.set_ylabel(meaning.replace(" (", "\n("))
+        threshold_ax.legend(loc="best", fontsize=8)
+    threshold_ax.set_xlabel("optimizer step")
+    norm_ax.legend(loc="best", fontsize=8)
+    norm_ax.set_title(f"GQC{name}: gradient norm at each decision vs the threshold")
+    save_figure(fig, paths[1])
     return paths
+
+
+def _log_if_positive(ax, values: list[float]) -> None:
+    """Log y scale when every finite value is positive (norms span decades); linear otherwise."""
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    if finite and min(finite) > 0:
+        ax.set_yscale("log")
 
 
 def main(argv: list[str]) -> int:
@@ -122,8 +199,9 @@ def main(argv: list[str]) -> int:
         history = state.get("log_history", []) if isinstance(state, dict) else []
         summary = summarize(history)
         out = ns.out or os.path.join(ns.run_dir, "gqc_analysis")
+        controller = find_controller(path, ns.run_dir)
         with disk_errors(out, "--out", "writing the plots to"):
-            paths = plot(history, out)
+            paths = plot(history, out, controller)
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -76,9 +76,12 @@ def main(argv: list[str]) -> int:
         heatmap(
             mat.numpy(),
             out / "norms_over_steps.png",
-            "mean per-sample gradient norm",
+            "Mean per-sample gradient norm per layer and training step",
             [str(s) for s in step_list],
             layers,
+            xlabel="training step (optimizer steps)",
+            ylabel="layer",
+            colorbar_label="mean L2 norm of per-sample gradients",
         )
     ]
     if data.grads:
@@ -95,11 +98,15 @@ def main(argv: list[str]) -> int:
             heatmap(
                 np.asarray(sim.numpy()),
                 out / f"similarity_{args.similarity}.png",
-                f"{args.similarity} similarity ({which})",
+                f"{args.similarity} similarity of per-sample gradients ({which})",
                 labels,
                 labels,
                 cmap="RdBu_r",
                 symmetric=True,
+                xlabel="sample (step:example_id)",
+                ylabel="sample (step:example_id)",
+                colorbar_label=f"{args.similarity} similarity"
+                + (" (-1 to 1)" if args.similarity == "cosine" else ""),
             )
         )
     else:
