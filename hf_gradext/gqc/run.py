@@ -13,7 +13,6 @@ progress). ``--max_steps`` only stops the run early: it does not shorten the sch
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -198,8 +197,14 @@ def restore_position(trainer, resume_from_checkpoint: str | None) -> tuple[int, 
             f"{resume_from_checkpoint} has no {GQC_STATE_NAME} (not written by a GQC run, or written "
             "partially); resume from a checkpoint of a --gqc run or drop --resume_from_checkpoint"
         )
-    with open(path) as fh:
-        run.load_state_dict(json.load(fh))
+    from hf_gradext.store.integrity import read_json
+
+    state = read_json(path, "resume from an earlier checkpoint-* of the run, or drop --resume_from_checkpoint")
+    if not isinstance(state, dict):
+        raise UserFacingError(
+            f"{path} holds no GQC state (a JSON object was expected); resume from an earlier checkpoint-*"
+        )
+    run.load_state_dict(state)
     run.position_restored = True
     return run.epoch, run.microbatches_in_epoch
 
@@ -207,8 +212,9 @@ def restore_position(trainer, resume_from_checkpoint: str | None) -> tuple[int, 
 def save_state(trainer, trial) -> None:
     """Write ``gqc_state.json`` into the checkpoint folder that ``_save_checkpoint`` is about to fill.
 
-    Written first (temp name + ``os.replace``): HF writes ``trainer_state.json`` last, so a checkpoint
-    that looks complete always carries its GQC state.
+    Written first (a per-process temp name, fsync, ``os.replace``: a full disk is one line naming the
+    folder): HF writes ``trainer_state.json`` last, so a checkpoint that looks complete always carries its
+    GQC state.
     """
     run: GQCRun | None = getattr(trainer, "_gqc_run", None)
     if run is None or not trainer.args.should_save:
@@ -219,10 +225,9 @@ def save_state(trainer, trial) -> None:
 
     out_dir = os.path.join(output_dir(trainer, trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".{GQC_STATE_NAME}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(run.state_dict(), fh, indent=1)
-    os.replace(tmp, os.path.join(out_dir, GQC_STATE_NAME))
+    from hf_gradext.store.shards import write_json_atomic
+
+    write_json_atomic(os.path.join(out_dir, GQC_STATE_NAME), run.state_dict(), flag="--output_dir")
 
 
 def decorate_logs(trainer, logs: dict[str, float]) -> None:
