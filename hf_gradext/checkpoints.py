@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from hf_gradext.errors import UserFacingError
-from hf_gradext.store.integrity import damaged, file_checksum, read_json
+from hf_gradext.store.integrity import damaged, file_checksum, file_matches, read_json
 from hf_gradext.store.safetensors_file import parse_header
 from hf_gradext.store.shards import write_json_atomic
 
@@ -114,7 +114,7 @@ def _verify_manifest(folder: Path, manifest_path: Path) -> set[str]:
             raise damaged(
                 path, f"{size} bytes, {record.get('size')} when saved: truncated or overwritten", fix
             )
-        if file_checksum(path) != record.get("checksum"):
+        if not file_matches(path, record.get("checksum")):
             raise damaged(path, "checksum differs from the one recorded when it was saved", fix)
     return set(files)
 

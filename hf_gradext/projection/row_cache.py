@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from hf_gradext.errors import UserFacingError
 from hf_gradext.store.cache_dir import ENV as CACHE_ENV
 from hf_gradext.store.cache_dir import private_dir
 from hf_gradext.store.disk import DiskError, disk_error, free_bytes, is_disk_error
-from hf_gradext.store.integrity import bytes_checksum, read_json
+from hf_gradext.store.integrity import BlockFletcher64, checksum_matches, read_json
 from hf_gradext.store.shards import write_json_atomic
 from hf_gradext.store.temp import remove_stale_temporaries, temp_path
 
@@ -91,7 +90,7 @@ def _valid(target: Path, size: int) -> bool:
             reason = "unknown record"
         elif target.stat().st_size != size or record.get("size") != size:
             reason = f"{target.stat().st_size} bytes, expected {size}"
-        elif bytes_checksum(_chunks(target)) != record.get("checksum"):
+        elif not checksum_matches(_chunks(target), record.get("checksum")):
             reason = "checksum mismatch"
     except (UserFacingError, OSError) as exc:
         reason = str(exc)
@@ -147,19 +146,19 @@ def find_or_build(
 def _write(target: Path, n_rows: int, row_bytes: int, fill: Callable[[int, int], np.ndarray]) -> None:
     tmp = temp_path(target)
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    crc = 0
+    hasher = BlockFletcher64()
     try:
         with open(tmp, "wb") as handle:
             for start in range(0, n_rows, step):
                 block = np.ascontiguousarray(fill(start, min(start + step, n_rows)))
                 handle.write(memoryview(block).cast("B"))
-                crc = zlib.crc32(block, crc)
+                hasher.update(block)
             handle.flush()
             os.fsync(handle.fileno())
         size = n_rows * row_bytes
         write_json_atomic(
             _record_path(target),
-            {"format": FORMAT, "size": size, "checksum": f"crc32:{crc & 0xFFFFFFFF:08x}"},
+            {"format": FORMAT, "size": size, "checksum": hasher.hexdigest()},
         )
         os.replace(tmp, target)
     except BaseException as exc:

@@ -9,10 +9,11 @@ Atomicity: each shard is written to a hidden temporary name in the same director
 ``fsync``, then ``os.replace``d to its final name. Readers only ever look at final names, so a killed
 process or a full disk leaves at worst a stale temporary file, which the next writer removes.
 
-Integrity (format 2): the header also carries ``hf_gradext_format`` (``"2"``), per tensor a CRC-32 of its
-bytes with its dtype and shape (``hf_gradext_checksums``), and a CRC-32 over the index rows, the metadata
-and those checksums (``hf_gradext_header_crc``). The writer computes them over the bytes it already holds
-(one pass); :func:`read_shard` verifies every tensor it returns and :func:`read_shard_header` the header,
+Integrity (format 2): the header also carries ``hf_gradext_format`` (``"2"``), per tensor a checksum of
+its bytes (:mod:`hf_gradext.store.integrity`; CRC-32 in files of earlier versions) with its dtype and shape
+(``hf_gradext_checksums``), and a checksum over the index rows, the metadata and those checksums
+(``hf_gradext_header_crc``). The writer hashes each slice of a tensor right after writing it (one pass
+over bytes still in the cache); :func:`read_shard` verifies every tensor it returns and :func:`read_shard_header` the header,
 so a flipped bit or a truncated file is a one-line error naming the shard, never a number used silently.
 Shards of format 1 (no ``hf_gradext_format`` key, written before checksums existed) still load; there is
 nothing to verify them against.
@@ -31,7 +32,6 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,11 @@ from safetensors import SafetensorError, safe_open
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.store.disk import DiskError, disk_error, ensure_writable_dir, is_disk_error
-from hf_gradext.store.integrity import bytes_checksum, damaged, tensor_bytes
+from hf_gradext.store.integrity import bytes_checksum, checksum_matches, damaged, tensor_bytes
 from hf_gradext.store.safetensors_file import (
     DTYPE_TAGS,
     Header,
     parse_header,
-    start_checksums,
     write_safetensors,
 )
 from hf_gradext.store.temp import temp_path
@@ -110,8 +109,12 @@ def list_shards(
 
 
 # ---------------------------------------------------------------------------------------------- checksums
+def _header_parts(rows: str, meta: str, sums: str) -> list[bytes]:
+    return [rows.encode(), b"\n", meta.encode(), b"\n", sums.encode()]
+
+
 def _header_crc(rows: str, meta: str, sums: str) -> str:
-    return bytes_checksum([rows.encode(), b"\n", meta.encode(), b"\n", sums.encode()])
+    return bytes_checksum(_header_parts(rows, meta, sums))
 
 
 def _tensor_record(tensor: torch.Tensor, checksum: str) -> dict[str, Any]:
@@ -140,7 +143,7 @@ def inspect_shard(path: str | os.PathLike) -> ShardLayout:
             raise UserFacingError(
                 f"{path} has shard format {version}, newer than this hf_gradext reads ({FORMAT}); upgrade hf_gradext"
             )
-        if _header_crc(rows_json, meta_json, md[CHECKSUMS_KEY]) != md[HEADER_CRC_KEY]:
+        if not checksum_matches(_header_parts(rows_json, meta_json, md[CHECKSUMS_KEY]), md[HEADER_CRC_KEY]):
             raise damaged(path, "the index rows or metadata fail their checksum", SHARD_FIX)
         checksums = json.loads(md[CHECKSUMS_KEY])
         if set(checksums) != set(header.tensors):
@@ -165,7 +168,7 @@ def verify_bytes(layout: ShardLayout, key: str, chunks: Iterable[Any]) -> None:
     """Check the bytes of tensor ``key`` (given as buffers) against its checksum (format 2 only)."""
     if layout.checksums is None:
         return
-    if bytes_checksum(chunks) != layout.checksums[key]["checksum"]:
+    if not checksum_matches(chunks, layout.checksums[key].get("checksum")):
         raise damaged(layout.header.path, f"tensor {key!r} fails its checksum", SHARD_FIX)
 
 
@@ -235,16 +238,15 @@ def write_shard_atomic(
     tensors: dict[str, torch.Tensor],
     rows: list[dict[str, Any]],
     meta: dict[str, Any],
-    checksums: bool | Future | None = None,
-) -> tuple[float, float]:
+    checksums: bool | None = None,
+) -> float:
     """Write one shard to a temporary name, fsync, and rename it into place.
 
     Args:
-        checksums: write checksums (default :data:`WRITE_CHECKSUMS`), or a
-            :func:`~hf_gradext.store.safetensors_file.start_checksums` future of ``tensors`` started earlier.
+        checksums: write checksums (default :data:`WRITE_CHECKSUMS`).
 
     Returns:
-        ``(seconds hashing, seconds the write waited for the checksums)`` (hashing runs in a helper thread).
+        CPU seconds spent hashing (part of the write).
     """
     path = Path(path)
     tmp = temp_path(path)
@@ -261,7 +263,7 @@ def write_shard_atomic(
 
     try:
         with open(tmp, "wb") as handle:
-            timings = write_safetensors(
+            hashing = write_safetensors(
                 handle, contiguous, metadata_for, WRITE_CHECKSUMS if checksums is None else checksums
             )
             handle.flush()
@@ -271,7 +273,7 @@ def write_shard_atomic(
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return timings
+    return hashing
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, flag: str = "") -> None:
@@ -331,8 +333,7 @@ class ShardWriter:
         self.written: list[Path] = []
         self.bytes_written = 0
         self.seconds_writing = 0.0  # whole shard writes (checksums, serialization, fsync, rename)
-        self.seconds_checksumming = 0.0  # hashing, in a helper thread started when a shard is queued
-        self.seconds_waiting_checksums = 0.0  # the part of seconds_writing spent waiting for the hashes
+        self.seconds_checksumming = 0.0  # CPU hashing, the part of seconds_writing the checksums cost
         self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
         self._thread = threading.Thread(target=self._run, name=f"ShardWriter-{prefix}", daemon=True)
@@ -368,10 +369,7 @@ class ShardWriter:
         self.next_seq += 1
         # Detach from autograd and the device now: the caller may reuse its buffers right away.
         cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-        # Hashing starts now, in a helper thread, while earlier shards are still being written: the writer
-        # then rarely waits for it.
-        sums = start_checksums(cpu) if WRITE_CHECKSUMS else False
-        self._queue.put((path, cpu, list(rows or []), dict(meta or {}), sums))
+        self._queue.put((path, cpu, list(rows or []), dict(meta or {}), WRITE_CHECKSUMS))
         return path
 
     def _run(self) -> None:
@@ -385,10 +383,9 @@ class ShardWriter:
                 path, tensors, rows, meta, sums = item
                 try:
                     start = time.perf_counter()
-                    hashing, waited = write_shard_atomic(path, tensors, rows, meta, checksums=sums)
+                    hashing = write_shard_atomic(path, tensors, rows, meta, checksums=sums)
                     self.seconds_writing += time.perf_counter() - start
                     self.seconds_checksumming += hashing
-                    self.seconds_waiting_checksums += waited
                     self.written.append(path)
                     self.bytes_written += path.stat().st_size
                 except BaseException as exc:  # disk full, permissions, ...

@@ -5,10 +5,9 @@ to the same run without collection: statistics only, norms to disk, full per-sam
 (training mode, from the training backward), and the ``loop`` baseline (one backward per sample,
 separate mode). For ``full`` also the achieved write rate against the disk's sequential write speed
 measured with ``dd`` in the same run (target on a GPU: >= 70% of it whenever compute is faster than disk).
-The shard checksums' cost, from the shard writer's own timers: ``checksum_wait_share_of_write`` (seconds
-the writes waited for their checksums / seconds writing shards; target < 3%: hashing starts in a helper
-thread when a shard is queued and overlaps earlier writes), ``checksum_cpu_share_of_write`` (seconds
-hashing / seconds writing: the CPU it takes), and ``full_disk_nocrc`` (checksums off) next to ``full_disk``.
+The shard checksums' cost, from the shard writer's own timers: ``checksum_cpu_share_of_write`` (CPU
+seconds hashing / seconds writing shards; target < 3%: each slice is hashed right after it is written,
+inside the write), and ``full_disk_nocrc`` (checksums off) next to ``full_disk``.
 
 CPU (what runs here; tiny config, fp32):
     python recipes/benchmarks/bench_collection.py
@@ -145,12 +144,9 @@ def run_variant(
     if writers:
         writing = sum(w.seconds_writing for w in writers)
         hashing = sum(w.seconds_checksumming for w in writers)
-        waited = sum(w.seconds_waiting_checksums for w in writers)
         result["shard_write_s"] = [writing]
         result["checksum_cpu_s"] = [hashing]
-        result["checksum_wait_s"] = [waited]
         result["checksum_cpu_share_of_write"] = [hashing / writing if writing else 0.0]
-        result["checksum_wait_share_of_write"] = [waited / writing if writing else 0.0]
     logs = [h for h in trainer.state.log_history if "grad_collection/peak_memory_mb" in h]
     if logs:
         result["collection_peak_extra_mb"] = [max(h["grad_collection/peak_memory_mb"] for h in logs)]
@@ -165,13 +161,11 @@ def run_variant(
 def _timer_totals(r: dict[str, list[float]]) -> dict[str, float]:
     if "shard_write_s" not in r:
         return {}
-    writing, hashing, waited = (sum(r[k]) for k in ("shard_write_s", "checksum_cpu_s", "checksum_wait_s"))
+    writing, hashing = (sum(r[k]) for k in ("shard_write_s", "checksum_cpu_s"))
     return {
         "shard_write_s": writing,
         "checksum_cpu_s": hashing,
-        "checksum_wait_s": waited,
         "checksum_cpu_share_of_write": hashing / writing if writing else 0.0,
-        "checksum_wait_share_of_write": waited / writing if writing else 0.0,
     }
 
 

@@ -89,7 +89,7 @@ SHARD_FAULTS = {
     "bit_flip_float_exponent": (lambda p: flip_bit(p, safetensors_data_offset(p) + 3, 6), "checksum"),
     "bit_flip_index_row_digit": (_after(b"hf_gradext_rows", b"example_id"), "checksum"),
     "bit_flip_metadata_digit": (_after(b"hf_gradext_meta", b"step"), "checksum"),
-    "bit_flip_recorded_checksum": (_after(b"hf_gradext_checksums", b"crc32:"), "checksum"),
+    "bit_flip_recorded_checksum": (_after(b"hf_gradext_checksums", b"fl64:"), "checksum"),
 }
 
 
