@@ -199,7 +199,9 @@ def restore_position(trainer, resume_from_checkpoint: str | None) -> tuple[int, 
         )
     from hf_gradext.store.integrity import read_json
 
-    state = read_json(path, "resume from an earlier checkpoint-* of the run, or drop --resume_from_checkpoint")
+    state = read_json(
+        path, "resume from an earlier checkpoint-* of the run, or drop --resume_from_checkpoint"
+    )
     if not isinstance(state, dict):
         raise UserFacingError(
             f"{path} holds no GQC state (a JSON object was expected); resume from an earlier checkpoint-*"
