@@ -181,6 +181,7 @@ def run(args: Any) -> dict[str, float]:
 
     from hf_gradext.data import build_datasets, load_raw_datasets, load_tokenizer
     from hf_gradext.hub import check_sources
+    from hf_gradext.integrations.loss import shifts_labels
     from hf_gradext.metrics import (
         build_compute_metrics,
         load_metric,
@@ -228,7 +229,9 @@ def run(args: Any) -> dict[str, float]:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        compute_metrics=build_compute_metrics(metric) if metric is not None else None,
+        compute_metrics=build_compute_metrics(metric, shift=shifts_labels(model))
+        if metric is not None
+        else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if metric is not None else None,
         callbacks=callbacks,
     )

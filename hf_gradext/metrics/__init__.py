@@ -41,28 +41,38 @@ def preprocess_logits_for_metrics(logits: Any, labels: torch.Tensor) -> torch.Te
     return logits.argmax(dim=-1)  # (B, T)
 
 
-def shifted_token_pairs(preds: Any, labels: Any, ignore_index: int = -100) -> tuple[Any, Any]:
-    """Align next-token predictions with their targets and drop ignored positions.
+def shifted_token_pairs(
+    preds: Any, labels: Any, ignore_index: int = -100, shift: bool = True
+) -> tuple[Any, Any]:
+    """Align predictions with their targets and drop ignored positions. Returns flat numpy arrays.
 
-    ``preds[:, t]`` predicts ``labels[:, t + 1]`` (causal LM). Returns flat numpy arrays.
+    ``shift`` (a causal LM's loss, :func:`hf_gradext.integrations.loss.shifts_labels`): ``preds[:, t]``
+    predicts ``labels[:, t + 1]``; without it ``preds[:, t]`` predicts ``labels[:, t]`` (labels that are
+    already shifted, or a model whose loss does not shift).
     """
     import numpy as np
 
-    preds = np.asarray(preds)[:, :-1].reshape(-1)  # (B * (T-1),)
-    labels = np.asarray(labels)[:, 1:].reshape(-1)  # (B * (T-1),)
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if shift:
+        preds, labels = preds[:, :-1], labels[:, 1:]  # (B, T-1) each
+    preds, labels = preds.reshape(-1), labels.reshape(-1)  # (B * T',)
     keep = labels != ignore_index
     return preds[keep], labels[keep]
 
 
-def build_compute_metrics(metric: Any | None = None) -> Callable[[Any], dict[str, float]]:
-    """A ``compute_metrics`` for ``Trainer``: next-token accuracy over non-ignored labels."""
+def build_compute_metrics(metric: Any | None = None, shift: bool = True) -> Callable[[Any], dict[str, float]]:
+    """A ``compute_metrics`` for ``Trainer``: token accuracy over non-ignored labels.
+
+    ``shift``: whether the model's loss shifts labels (causal LM, the default); pass
+    ``hf_gradext.integrations.loss.shifts_labels(model)`` to follow the model's own loss.
+    """
     metric = metric if metric is not None else load_metric("token_accuracy")
 
     def compute_metrics(eval_preds: Any) -> dict[str, float]:
         preds, labels = eval_preds.predictions, eval_preds.label_ids
         if isinstance(preds, tuple):
             preds = preds[0]
-        p, r = shifted_token_pairs(preds, labels)
+        p, r = shifted_token_pairs(preds, labels, shift=shift)
         return metric.compute(predictions=p, references=r)
 
     return compute_metrics

@@ -67,6 +67,19 @@ def test_compute_metrics_shifts_and_ignores_padding():
     assert compute(types.SimpleNamespace(predictions=preds, label_ids=labels))["accuracy"] == 0.75
 
 
+def test_unshifted_pairs_follow_a_model_that_does_not_shift():
+    labels = np.array([[5, 6, 7, 8], [1, 2, -100, -100]])
+    preds = np.array([[5, 6, 7, 0], [1, 2, 9, 9]])
+    p, r = shifted_token_pairs(preds, labels, shift=False)
+    assert r.tolist() == [5, 6, 7, 8, 1, 2] and p.tolist() == [5, 6, 7, 0, 1, 2]
+    compute = build_compute_metrics(shift=False)
+    assert compute(types.SimpleNamespace(predictions=preds, label_ids=labels))["accuracy"] == 5 / 6
+    # The causal default on the same arrays is a different (wrong here) alignment.
+    assert (
+        build_compute_metrics()(types.SimpleNamespace(predictions=preds, label_ids=labels))["accuracy"] < 0.5
+    )
+
+
 def test_perplexity():
     assert perplexity(0.0) == 1.0
     assert perplexity(2.0) == pytest.approx(math.e**2)
