@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from hf_gradext.arguments.ranges import SEED_MAX
+from hf_gradext.arguments.ranges import SEED_MAX, Range, check_ranges
 from hf_gradext.errors import UserFacingError
 
 PROJ_DTYPES = ("bfloat16", "float16", "float32")
+PRECONDITION_MODES = ("rank1", "adafactor")  # the factored modes; full-grads always scales exactly
 
 
 @dataclass
@@ -71,7 +73,49 @@ class ProjectionArguments:
         metadata={"help": "Where projection shards and metadata go. Default: <output_dir>/projections."},
     )
 
+    proj_precondition: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adam-precondition the gradients (LESS-style) with the second moments of a finished "
+            "run: a Trainer checkpoint directory holding optimizer.pt, or a run's output_dir (its newest "
+            "checkpoint-N with an optimizer.pt is used). Unset: plain gradients. See docs/preconditioning.md."
+        },
+    )
+    proj_precondition_mode: str = field(
+        default="rank1",
+        metadata={
+            "help": "How the elementwise Adam scale is folded into the Kronecker factors: rank1 (top singular "
+            "pair of the scale) or adafactor (row/column sums of v_hat). full-grads scales exactly.",
+            "choices": list(PRECONDITION_MODES),
+        },
+    )
+    proj_precondition_power: float = field(
+        default=1.0,
+        metadata={
+            "help": "Exponent p of Adam's scale s = 1 / (sqrt(v_hat) + eps): rows are s**p * g. 1 = Adam's "
+            "update (v_hat ** -0.5); 0.5 on train and query rows gives the dot product g_q . s . g_i."
+        },
+    )
+
+    def _validate_precondition(self) -> None:
+        if self.proj_precondition_mode not in PRECONDITION_MODES:
+            raise UserFacingError(
+                f"--proj_precondition_mode={self.proj_precondition_mode!r} is not supported; choose one of "
+                f"{', '.join(PRECONDITION_MODES)}"
+            )
+        check_ranges(self, {"proj_precondition_power": Range(low=0, low_open=True)})  # NaN fails too
+        if self.proj_precondition is not None:
+            optimizer_state_file(self.proj_precondition)  # a bad path fails at parse time
+
     def _validate_projection(self) -> None:
+        self._validate_precondition()
+        if self.project_gradients and self.proj_precondition is not None:
+            # During training the second moments change every step; LESS preconditions with the state of a
+            # finished run, which is what `hf-gradext project` does.
+            raise UserFacingError(
+                "--proj_precondition cannot be combined with --project_gradients (the optimizer state changes "
+                "during training); train first, then run `hf-gradext project --proj_precondition <checkpoint>`"
+            )
         if self.proj_dtype not in PROJ_DTYPES:
             raise UserFacingError(
                 f"--proj_dtype={self.proj_dtype!r} is not supported; choose one of {', '.join(PROJ_DTYPES)}"
@@ -100,3 +144,29 @@ class ProjectionArguments:
                 raise UserFacingError(
                     f"--proj_layers pattern {part.strip()!r} is not a valid regex ({exc}); fix or escape it"
                 ) from None
+
+
+def optimizer_state_file(path: str) -> Path:
+    """The ``optimizer.pt`` that ``--proj_precondition`` names (checked without loading torch).
+
+    ``path`` is a checkpoint directory (``checkpoint-N/optimizer.pt``), a run's output directory (its newest
+    ``checkpoint-N`` that holds an ``optimizer.pt``), or the ``optimizer.pt`` file itself.
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    if not given.is_dir():
+        raise UserFacingError(
+            f"--proj_precondition {path}: no such file or directory; pass a Trainer checkpoint directory "
+            "(checkpoint-N with optimizer.pt) or the output_dir of a finished run"
+        )
+    if (given / "optimizer.pt").is_file():
+        return given / "optimizer.pt"
+    numbered = [c for c in given.glob("checkpoint-*") if c.name.split("-", 1)[1].isdigit()]
+    for candidate in sorted(numbered, key=lambda c: int(c.name.split("-", 1)[1]), reverse=True):
+        if (candidate / "optimizer.pt").is_file():
+            return candidate / "optimizer.pt"
+    raise UserFacingError(
+        f"--proj_precondition {path} holds no optimizer.pt (nor a checkpoint-N with one); pass a checkpoint "
+        "saved with its optimizer state (not --save_only_model)"
+    )

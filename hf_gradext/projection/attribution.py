@@ -92,6 +92,38 @@ def top_k_attribution(
     return best_scores, [[best_rows[i] for i in row] for row in best_pos.tolist()]
 
 
+def _preconditioning_key(meta: dict[str, Any]) -> tuple | None:
+    pre = meta.get("preconditioning")
+    if not isinstance(pre, dict):
+        return None
+    return (pre.get("state_sha256"), pre.get("mode"), pre.get("power"), pre.get("eps"))
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    pre = meta.get("preconditioning")
+    if not isinstance(pre, dict):
+        return "no --proj_precondition"
+    sha = str(pre.get("state_sha256", ""))[7:19]
+    return f"{pre.get('source')} (mode {pre.get('mode')}, power {pre.get('power')}, state {sha})"
+
+
+def check_same_preconditioning(
+    train_meta: dict[str, Any], query_meta: dict[str, Any], train: Any, query: Any
+) -> None:
+    """Refuse train and query rows preconditioned differently (another state, mode, power, or only one side).
+
+    The same ``--proj_precondition_power 0.5`` on both sides gives Adam's ``g_q . s . g_i`` as dot score.
+    """
+    if _preconditioning_key(train_meta) != _preconditioning_key(query_meta):
+        from hf_gradext.errors import UserFacingError
+
+        raise UserFacingError(
+            f"--train {train} was projected with {_describe(train_meta)}, --query {query} with "
+            f"{_describe(query_meta)}; project both with the same --proj_precondition, "
+            "--proj_precondition_mode and --proj_precondition_power"
+        )
+
+
 def run_attribution(args: Any) -> list[Any]:
     """``hf-gradext attribute``: read both projection dirs, score, write ``<output>.json`` and ``.csv``.
 
@@ -111,6 +143,7 @@ def run_attribution(args: Any) -> list[Any]:
             f"--train {args.train} and --query {args.query} use different projections; project both with the same "
             "model, --proj_layers, --proj_rank_total, --proj_rank_min, --proj_seed and method"
         )
+    check_same_preconditioning(train_meta, query_meta, args.train, args.query)
     query_rows, query_index = [], []
     for rows, index in iter_projection_blocks(args.query):
         query_rows.append(rows.to(torch.float64))

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 from transformers import HfArgumentParser
 
 from hf_gradext.arguments.model import ModelDataArguments
-from hf_gradext.arguments.projection import ProjectionArguments
+from hf_gradext.arguments.projection import ProjectionArguments, optimizer_state_file
 from hf_gradext.arguments.ranges import SEED_MAX
 from hf_gradext.devices import check_device
 from hf_gradext.errors import UserFacingError
@@ -110,6 +110,18 @@ class FullGradsArguments:
             "--resume or --overwrite a directory holding gradient shards is refused."
         },
     )
+    proj_precondition: str | None = field(
+        default=None,
+        metadata={
+            "help": "Store Adam-preconditioned gradients s**p * g, with the exact elementwise scale "
+            "s = 1 / (sqrt(v_hat) + eps) of a finished run's optimizer state: a checkpoint directory holding "
+            "optimizer.pt, the file itself, or a run's output_dir (newest checkpoint-N with one). The "
+            "reference for `project --proj_precondition`. See docs/preconditioning.md."
+        },
+    )
+    proj_precondition_power: float = field(
+        default=1.0, metadata={"help": "Exponent p of the scale (as in `project`); must be > 0."}
+    )
 
 
 def full_grads_main(argv: list[str] | None = None) -> int:
@@ -132,6 +144,12 @@ def full_grads_main(argv: list[str] | None = None) -> int:
             raise UserFacingError("--batch_size and --max_elements must be >= 1")
         if not 0 <= fargs.seed <= SEED_MAX:
             raise UserFacingError(f"--seed={fargs.seed} must be in [0, {SEED_MAX}]")
+        if not fargs.proj_precondition_power > 0:  # NaN fails too
+            raise UserFacingError(
+                f"--proj_precondition_power={fargs.proj_precondition_power} must be > 0 (1 = Adam's update)"
+            )
+        if fargs.proj_precondition is not None:
+            optimizer_state_file(fargs.proj_precondition)  # a bad path fails before the model loads
         check_device(fargs.device)
         out = run_full_grads(margs, fargs)
         print(

@@ -5,6 +5,11 @@ and ``shape`` inside the flattened vector; ``total_param_dim``; layers; dtype) a
 ``fullgrad-rank000-*.safetensors`` with tensor ``grad`` (n, total_param_dim) and index rows
 ``example_id``. Tied weights appear once (``transformer.wte.weight`` = embedding + ``lm_head``).
 
+``proj_precondition`` (and ``proj_precondition_power``) on the run arguments stores the Adam-preconditioned
+gradients ``s ** power * G`` with the exact elementwise scale (:meth:`AdamPreconditioner.apply`), the
+reference for the folded (rank1 / adafactor) projections; recorded as ``preconditioning`` in
+``fullgrad_meta.json`` and in the run settings (a resume with another state is refused).
+
 Output directory (the policy of :mod:`hf_gradext.store.policy`): a directory holding gradient shards is
 refused, before the model is loaded, unless ``--overwrite`` (its shards and ``fullgrad_meta.json`` are
 removed, logged) or ``--resume`` (examples already stored are skipped; refused unless the model's weights
@@ -51,6 +56,7 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
         load_model_for_pass,
     )
     from hf_gradext.projection.io import completed_example_ids
+    from hf_gradext.projection.preconditioning import preconditioner_from_args
     from hf_gradext.projection.projector import KroneckerProjector
     from hf_gradext.store import ShardWriter
 
@@ -64,6 +70,8 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
     if layers == "projected":  # a metadata.json that does not fit the model fails before the data
         projector = KroneckerProjector.from_metadata(fargs.proj_metadata, model)
         layers, keep = projector.capture_layers(), [b.weight_name for b in projector.blocks]
+    pre = preconditioner_from_args(model, fargs)  # a state that does not fit fails before the data
+    pre_record = None if pre is None else pre.describe("exact")
     data = load_data_for_pass(margs, rargs, tokenizer)
     settings = {
         "layers": layers,
@@ -71,6 +79,8 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
         "grad_dtype": fargs.grad_dtype,
         "data": data_settings(margs, fargs.split),
     }
+    if pre_record is not None:  # absent when off, as in the projection metadata
+        settings["preconditioning"] = {k: v for k, v in pre_record.items() if k != "source"}
     prepare_output_dir(out, mode, RunFingerprint(WRITER, settings, model_fingerprint(model)))
     done = completed_example_ids(out.path, PREFIX) if mode == "resume" else set()
     todo = [pos for pos, e in enumerate(data["example_id"]) if int(e) not in done]
@@ -87,6 +97,8 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
             if k in chunk
         }
         grads = per_sample_gradients(model, batch, layers=layers, dtype=dtype)
+        if pre is not None:
+            grads = pre.apply(grads)  # exact: s ** power * G elementwise, (B, *shape)
         order = [n for n in names if n in grads and (keep is None or n in keep)]
         if slices is None:
             slices, start = {}, 0
@@ -110,6 +122,7 @@ def run_full_grads(margs: Any, fargs: Any) -> dict[str, Any]:
                     "proj_metadata": fargs.proj_metadata,
                     "dtype": fargs.grad_dtype,
                     "loss": "each sample's own mean token loss over labels != -100",
+                    "preconditioning": pre_record,
                 },
                 flag=FLAGS[0],
             )

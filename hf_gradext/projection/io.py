@@ -176,8 +176,12 @@ def projection_output(
 
 
 def row_settings(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The projector's ``metadata.json`` minus what does not change the rows (the package version)."""
-    return {k: v for k, v in metadata.items() if k not in _NOT_ROW_SETTINGS}
+    """The projector's ``metadata.json`` minus what does not change the rows (the package version, and
+    where the preconditioning's optimizer state was read: its ``state_sha256`` is what matters)."""
+    out = {k: v for k, v in metadata.items() if k not in _NOT_ROW_SETTINGS}
+    if isinstance(out.get("preconditioning"), dict):
+        out["preconditioning"] = {k: v for k, v in out["preconditioning"].items() if k != "source"}
+    return out
 
 
 def completed_example_ids(directory: str | os.PathLike, prefix: str = PREFIX) -> set[int]:

@@ -23,10 +23,16 @@ Where the scale is applied (the projection never builds ``g_i``):
 Only 2-D weights are scaled (biases and norm layers are not projected). The optimizer state is matched
 to parameter names the way HF's ``Trainer.create_optimizer`` builds its two groups (weight decay, then
 no decay, each in ``named_parameters`` order); the match is checked against every state tensor's shape.
+
+Flags (docs/preconditioning.md): ``--proj_precondition`` / ``--proj_precondition_mode`` /
+``--proj_precondition_power`` build the preconditioner (:func:`preconditioner_from_args`) and fold it into the
+projector that ``projector_from_args`` returns (:func:`fold_from_args`); ``full-grads`` applies it exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,6 +108,7 @@ class AdamPreconditioner:
     eps: float = 1e-8
     power: float = 1.0
     source: str = ""
+    step: int | None = None  # the optimizer step of the state (recorded, not used in the math)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -128,7 +135,12 @@ class AdamPreconditioner:
                 group = entry["group"]
                 moments[name] = _v_hat(entry, float(group.get("betas", (0.9, 0.999))[1]))
                 group_eps.append(float(group.get("eps", 1e-8)))
-        return cls._build(moments, group_eps, eps, power, source)
+        built = cls._build(moments, group_eps, eps, power, source)
+        steps = [e.get("step") for e in state["state"].values() if "step" in e]
+        if steps:
+            step = steps[0]
+            built.step = int(step.item() if isinstance(step, torch.Tensor) else step)
+        return built
 
     @classmethod
     def from_checkpoint(
@@ -205,7 +217,8 @@ class AdamPreconditioner:
             u, sig, vh = torch.linalg.svd(self.scale(name), full_matrices=False)
             return u[:, 0].abs() * sig[0].sqrt(), vh[0].abs() * sig[0].sqrt()
         if mode == "adafactor":
-            # v ~ outer(R, C) / mean(R), R and C the row and column means (Adafactor); eps^2 is added to
+            # v ~ outer(R, C) / mean(R), R and C the row and column means (Adafactor; the same as
+            # outer(r, c) / sum(r) with sums r, c); eps^2 is added to
             # v so that the scale stays separable: (v + eps^2) ** (-power / 2) instead of (sqrt(v) + eps) ** -power.
             v = self.second_moments[name] + self.eps**2  # (m, n)
             row, col = v.mean(dim=1), v.mean(dim=0)
@@ -221,13 +234,35 @@ class AdamPreconditioner:
             out[name] = float((s - torch.outer(u, w)).norm() / s.norm())
         return out
 
+    def fingerprint(self) -> str:
+        """``sha256:`` of every second moment (name, shape, float64 bytes) and eps: what makes the rows."""
+        digest = hashlib.sha256(json.dumps({"eps": self.eps}).encode())
+        for name in sorted(self.second_moments):
+            v = self.second_moments[name].contiguous()  # (m, n) float64
+            digest.update(f"{name}:{list(v.shape)}".encode())
+            digest.update(v.numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
+
+    def describe(self, mode: str) -> dict[str, Any]:
+        """The JSON record of this preconditioning (``metadata.json``'s ``preconditioning``)."""
+        return {
+            "source": self.source,
+            "mode": mode,
+            "power": self.power,
+            "eps": self.eps,
+            "step": self.step,
+            "weights": sorted(self.second_moments),
+            "state_sha256": self.fingerprint(),
+        }
+
     def fold_into(self, projector: Any, mode: str = "rank1") -> Any:
         """A new ``KroneckerProjector`` whose factors carry the factored scale: ``P_i diag(c)``, ``P_o diag(r)``.
 
         Its rows are ``vec((P_o diag(r)) G (P_i diag(c))^T) = vec(P_o (outer(r, c) * G) P_i^T)``: the
         projection of the factored-preconditioned gradient, from the usual factored path at its usual cost.
-        Its metadata is the original projector's (the same ``P``), so its rows score against plain query rows
-        (record the preconditioner next to it: the metadata alone does not rebuild these rows).
+        Its metadata is the original projector's (the same ``P``) plus ``preconditioning``
+        (:meth:`describe`: mode, power, eps, step, ``state_sha256``), which ``--resume`` and ``attribute``
+        compare; :meth:`KroneckerProjector.from_metadata` rebuilds the plain ``P`` only.
         """
         from hf_gradext.projection.projector import KroneckerProjector
 
@@ -241,7 +276,32 @@ class AdamPreconditioner:
             # In place: factors() returns the new projector's own float64 tensors (device copies come later).
             p_in.mul_(c.to(p_in.dtype)[None, :])  # (k_i, d_in)
             p_out.mul_(r.to(p_out.dtype)[None, :])  # (k_o, d_out)
+        new.preconditioning = self.describe(mode)
         return new
+
+
+def preconditioner_from_args(model: nn.Module, args: Any) -> AdamPreconditioner | None:
+    """The ``--proj_precondition*`` flags' preconditioner (``None`` when the flag is unset)."""
+    path = getattr(args, "proj_precondition", None)
+    if path is None:
+        return None
+    from hf_gradext.arguments.projection import optimizer_state_file
+
+    power = float(getattr(args, "proj_precondition_power", 1.0))
+    try:
+        return AdamPreconditioner.from_checkpoint(optimizer_state_file(path), model, power=power)
+    except UserFacingError as exc:
+        if str(exc).startswith("--proj_precondition"):
+            raise
+        raise UserFacingError(f"--proj_precondition {path}: {exc}") from None
+
+
+def fold_from_args(projector: Any, args: Any) -> Any:
+    """``projector`` with the flags' preconditioning folded in and recorded (unchanged when unset)."""
+    pre = preconditioner_from_args(projector.model, args)
+    if pre is None:
+        return projector
+    return pre.fold_into(projector, getattr(args, "proj_precondition_mode", "rank1"))
 
 
 def _v_hat(entry: Mapping[str, Any], beta2: float) -> torch.Tensor:

@@ -175,6 +175,9 @@ class KroneckerProjector:
         self._engine: CaptureEngine | None = None
         self.last_loss_tensor: torch.Tensor | None = None  # loss of the last project() batch, on its device
         self._shift: bool | None = None  # whether the model's loss shifts labels (asked on first use)
+        # Set when Adam preconditioning is folded into the factors (preconditioning.fold_from_args): then the
+        # factors are P diag(.) and the metadata records which state made them.
+        self.preconditioning: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ layout
     def _selected(self) -> dict[str, nn.Module]:
@@ -267,8 +270,12 @@ class KroneckerProjector:
 
     # ------------------------------------------------------------------ metadata
     def metadata(self) -> dict[str, Any]:
-        """Everything needed to rebuild every matrix (written as ``metadata.json``)."""
-        return {
+        """Everything needed to rebuild every matrix (written as ``metadata.json``).
+
+        With folded Adam preconditioning it also holds ``preconditioning`` (source, mode, power, eps, step,
+        ``state_sha256``); :meth:`from_metadata` rebuilds the plain matrices ``P`` only.
+        """
+        meta = {
             "format": FORMAT,
             "package_version": _package_version(),
             "proj_layers": self.layers,
@@ -284,6 +291,9 @@ class KroneckerProjector:
             "total_proj_dim": self.dim,
             "layers": [asdict(b) for b in self.blocks],
         }
+        if self.preconditioning is not None:  # absent when off: older directories keep their settings
+            meta["preconditioning"] = dict(self.preconditioning)
+        return meta
 
     @classmethod
     def from_metadata(
@@ -511,14 +521,18 @@ def projector_from_args(model: nn.Module, args: Any, layers: str | None = None) 
     """A :class:`KroneckerProjector` configured by the ``--proj_*`` / ``--include_embeddings`` flags.
 
     ``layers`` overrides ``--proj_layers`` (whose default means the LoRA layers of a peft model, see
-    :func:`resolve_proj_layers`).
+    :func:`resolve_proj_layers`). ``--proj_precondition`` folds the checkpoint's Adam scale into the factors
+    (:func:`hf_gradext.projection.preconditioning.fold_from_args`), recorded in the metadata.
 
     Raises:
-        UserFacingError: naming ``--proj_layers`` when the selection fits no layer, or the rank flag.
+        UserFacingError: naming ``--proj_layers`` when the selection fits no layer, the rank flag, or
+        ``--proj_precondition`` when its optimizer state does not fit the model.
     """
+    from hf_gradext.projection.preconditioning import fold_from_args
+
     chosen = resolve_proj_layers(args, model) if layers is None else layers
     try:
-        return KroneckerProjector(
+        projector = KroneckerProjector(
             model,
             layers=chosen,
             rank_total=args.proj_rank_total,
@@ -532,3 +546,4 @@ def projector_from_args(model: nn.Module, args: Any, layers: str | None = None) 
         if str(exc).startswith("--proj_"):
             raise
         raise UserFacingError(f"--proj_layers={chosen}: {exc}; pick layers from that list") from None
+    return fold_from_args(projector, args)
