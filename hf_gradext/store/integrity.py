@@ -37,10 +37,8 @@ _CHUNK = 16 * 1024 * 1024
 _BLOCK_WORDS = 4096  # 32 KiB blocks: the unit whose order s2 checks
 _BLOCK_BYTES = 8 * _BLOCK_WORDS
 _MASK = (1 << 64) - 1
-_WORDS = np.dtype("<u8")
-_INDEX = np.arange(
-    1, 65, dtype=np.uint64
-)  # 1-based block numbers within one update, reused  # little-endian on every machine: a file verifies wherever it is read
+_WORDS = np.dtype("<u8")  # little-endian on every machine: a file verifies wherever it is read
+_INDEX = np.arange(1, 65, dtype=np.uint64)  # 1-based block numbers within one update, reused
 
 
 class DamagedFileError(UserFacingError):
