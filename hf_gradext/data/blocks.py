@@ -14,12 +14,16 @@ Differences from ``run_clm.py``, each on purpose:
 
 from __future__ import annotations
 
-from itertools import chain
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain, islice
 from typing import Any
 
 from hf_gradext.errors import UserFacingError
 
 EXAMPLE_ID_COLUMN = "example_id"
+# Documents per grouping run (``Dataset.map``'s batch in :func:`tokenize_and_group`): a block never spans
+# two runs and each run's remainder is dropped, so this number is part of what an example id names.
+CHUNK_DOCUMENTS = 1000
 
 
 def text_column(dataset: Any, requested: str | None = None) -> str:
@@ -72,6 +76,30 @@ def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict[s
     return result
 
 
+def tokenize_documents(texts: Sequence[Any], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each document: no special tokens, eos appended (None counts as empty text)."""
+    texts = ["" if t is None else str(t) for t in texts]
+    # Documents are far longer than model_max_length before grouping; that is fine here.
+    out = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return out["input_ids"]
+    return [ids + [eos] for ids in out["input_ids"]]
+
+
+def iter_block_chunks(
+    documents: Iterable[Any], tokenizer: Any, block_size: int
+) -> Iterator[dict[str, list[list[int]]]]:
+    """The blocks of each run of :data:`CHUNK_DOCUMENTS` documents, tokenized only when asked for.
+
+    Chunk ``k`` holds exactly the blocks that :func:`tokenize_and_group` (without ``num_proc``) cuts from
+    documents ``1000k .. 1000k + 999``, in order; nothing past the chunk a caller stops at is read.
+    """
+    it = iter(documents)
+    while texts := list(islice(it, CHUNK_DOCUMENTS)):
+        yield group_texts({"input_ids": tokenize_documents(texts, tokenizer)}, block_size)
+
+
 def tokenize_and_group(
     dataset: Any,
     tokenizer: Any,
@@ -102,15 +130,9 @@ def tokenize_and_group(
     if block_size < 1:
         raise UserFacingError(f"--block_size {block_size} must be >= 1")
     col = text_column(dataset, column)
-    eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        texts = ["" if t is None else str(t) for t in batch[col]]
-        # Documents are far longer than model_max_length before grouping; that is fine here.
-        out = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)
-        if eos is not None:
-            out["input_ids"] = [ids + [eos] for ids in out["input_ids"]]
-        return {"input_ids": out["input_ids"]}
+        return {"input_ids": tokenize_documents(batch[col], tokenizer)}
 
     common = {"num_proc": num_proc, "load_from_cache_file": load_from_cache_file}
     tokenized = dataset.map(
@@ -120,7 +142,7 @@ def tokenize_and_group(
     blocks = tokenized.map(
         group_texts,
         batched=True,
-        batch_size=1000,
+        batch_size=CHUNK_DOCUMENTS,
         fn_kwargs={"block_size": block_size},
         desc=f"grouping {split_name} into blocks of {block_size}",
         **common,

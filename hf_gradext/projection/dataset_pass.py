@@ -7,6 +7,12 @@ ordered by example id. Resume (``--resume``): example ids already in complete sh
 skipped, so a killed run, restarted with the same command plus ``--resume``, neither duplicates nor misses
 an example, even with a different number of processes.
 
+Data (:mod:`hf_gradext.data.streaming`): with ``--streaming`` the split is read through ``datasets``
+streaming and tokenized 1000 documents at a time while the pass runs, so memory does not grow with the
+dataset; with ``--max_samples`` (either mode) only the documents the first N blocks need are tokenized.
+Both give exactly the blocks and example ids of the full tokenization; every rank walks the same blocks
+and takes every ``world_size``-th of those still to do, as without streaming.
+
 Output directory (the policy of :mod:`hf_gradext.store.policy`): a directory holding rows is refused
 unless ``--resume`` (then the model's weights fingerprint and every row setting -- projection metadata,
 storage dtype, data and split -- must be those of the run that wrote it) or ``--overwrite`` (its rows and
@@ -18,9 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +55,9 @@ from hf_gradext.store.policy import (
     refuse_fresh_into_rows,
 )
 
+if TYPE_CHECKING:  # the data modules import datasets/transformers: not for `project --help`
+    from hf_gradext.data.streaming import BlockStream, DocumentSource
+
 logger = logging.getLogger(__name__)
 # Test hook: hard-exit (as a kill would) after this many batches, to test resuming.
 KILL_ENV = "HF_GRADEXT_TEST_KILL_AFTER_BATCHES"
@@ -73,7 +83,21 @@ class ProjectRunArguments:
     output_dir: str = field(default="projections", metadata={"help": "Where shards and metadata go."})
     batch_size: int = field(default=8, metadata={"help": "Examples per forward+backward (per process)."})
     max_samples: int | None = field(
-        default=None, metadata={"help": "Project only the first N examples (blocks) of the split."}
+        default=None,
+        metadata={
+            "help": "Project only the first N examples (blocks) of the split; only the documents they need "
+            "are tokenized (the blocks and ids are those of the whole split's first N)."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the data with datasets streaming and tokenize it 1000 documents at a time during "
+            "the pass: memory stays flat with dataset size, the example ids are those of a run without it. "
+            "The progress bar has a total and ETA with --max_samples or a known number of documents, else "
+            "it shows the count and rate. Refused with --preprocessing_num_workers, and with a "
+            "--validation_split_percentage hold-out from a Hub dataset whose size is not in its metadata."
+        },
     )
     split: str = field(
         default="train", metadata={"help": "Which split to project.", "choices": ["train", "validation"]}
@@ -146,8 +170,61 @@ def load_model_for_pass(margs: Any, rargs: Any, block_size: int | None) -> tuple
     return tokenizer, model
 
 
+def sample_cap(margs: Any, rargs: Any) -> int | None:
+    """How many blocks the pass takes: ``--max_samples`` and ``train``'s ``--max_train_samples`` /
+    ``--max_eval_samples`` (all three keep the first blocks of the split), the smallest that is set."""
+    split_cap = getattr(margs, "max_train_samples" if rargs.split == "train" else "max_eval_samples", None)
+    caps = [c for c in (rargs.max_samples, split_cap) if c is not None]
+    return min(caps) if caps else None
+
+
+def open_source_for_pass(margs: Any, rargs: Any) -> DocumentSource | None:
+    """With ``--streaming``: the split's document stream (nothing tokenized yet); None without it.
+
+    Cheap, so the pass calls it before the model loads: what streaming cannot reproduce is refused here.
+    """
+    if not getattr(rargs, "streaming", False):
+        return None
+    if getattr(margs, "preprocessing_num_workers", None):
+        # Each worker groups its own contiguous shard, so worker runs cut other blocks than 1000-doc chunks.
+        raise UserFacingError(
+            "--streaming tokenizes in one process, giving the blocks of a run without "
+            "--preprocessing_num_workers; drop --preprocessing_num_workers (or --streaming)"
+        )
+    from hf_gradext.data.streaming import streaming_source
+
+    return streaming_source(margs, rargs.split)
+
+
+def open_blocks_for_pass(margs: Any, rargs: Any, tokenizer: Any, source: DocumentSource | None = None) -> Any:
+    """The ``--split``'s blocks cut to :func:`sample_cap`: a :class:`BlockStream` that tokenizes while it is
+    read (``--streaming``, or a cap), else the fully tokenized ``datasets.Dataset`` (cached by datasets)."""
+    from hf_gradext.data.streaming import BlockStream, arrow_source
+
+    cap = sample_cap(margs, rargs)
+    if source is None:
+        source = open_source_for_pass(margs, rargs)
+    # Worker processes cut their own blocks (see above): with them a cap keeps the full tokenization.
+    if source is None and cap is not None and not getattr(margs, "preprocessing_num_workers", None):
+        source = arrow_source(margs, rargs.split)
+    if source is not None:
+        return BlockStream(source, tokenizer, margs.block_size, max_blocks=cap, split_name=rargs.split)
+    return _tokenized_split(margs, rargs, tokenizer)
+
+
 def load_data_for_pass(margs: Any, rargs: Any, tokenizer: Any) -> Any:
-    """The ``--split`` of the tokenized blocks, cut to ``--max_samples``."""
+    """The ``--split`` of the tokenized blocks, cut to ``--max_samples``, as a ``datasets.Dataset``.
+
+    A streamed or capped split is held in memory: for small passes and inspection; the pass itself
+    (:func:`run_projection`) reads :func:`open_blocks_for_pass` as it goes.
+    """
+    from hf_gradext.data.streaming import BlockStream, blocks_dataset
+
+    data = open_blocks_for_pass(margs, rargs, tokenizer)
+    return blocks_dataset(data) if isinstance(data, BlockStream) else data
+
+
+def _tokenized_split(margs: Any, rargs: Any, tokenizer: Any) -> Any:
     from hf_gradext.data import build_datasets
 
     train, evaluation = build_datasets(margs, tokenizer, block_size=margs.block_size)
@@ -159,6 +236,67 @@ def load_data_for_pass(margs: Any, rargs: Any, tokenizer: Any) -> Any:
     if rargs.max_samples is not None:
         data = data.select(range(min(rargs.max_samples, len(data))))
     return data
+
+
+@dataclass
+class _Work:
+    """This rank's share of the pass: its batches (dicts of columns), the bar's total and what was skipped."""
+
+    batches: Iterable[dict[str, list[Any]]]
+    total: int | None  # examples this rank will project, when known ahead
+    skipped: Callable[[], int]  # examples already done (complete once ``batches`` is exhausted)
+    estimate: Callable[[int], int | None] | None = None  # examples done so far -> estimated total
+
+
+def _plan_work(data: Any, done: set[int], rank: int, world: int, batch_size: int) -> _Work:
+    """Every rank takes every ``world``-th of the examples not yet ``done``, in example order."""
+    from hf_gradext.data.streaming import BlockStream
+
+    if isinstance(data, BlockStream):
+        return _plan_stream(data, done, rank, world, batch_size)
+    ids = [int(i) for i in data["example_id"]]
+    todo = [pos for pos, i in enumerate(ids) if i not in done]
+    mine = todo[rank::world]
+    batches = (data[mine[first : first + batch_size]] for first in range(0, len(mine), batch_size))
+    return _Work(batches, len(mine), lambda: len(ids) - len(todo))
+
+
+def _plan_stream(stream: BlockStream, done: set[int], rank: int, world: int, batch_size: int) -> _Work:
+    skipped = [0]
+
+    def batches() -> Iterator[dict[str, list[Any]]]:
+        batch: list[dict[str, Any]] = []
+        todo = 0  # position among the examples still to do: the same share as todo[rank::world]
+        for block in stream:
+            if block["example_id"] in done:
+                skipped[0] += 1
+                continue
+            if todo % world == rank:
+                batch.append(block)
+            todo += 1
+            if len(batch) == batch_size:
+                yield _columns(batch)
+                batch = []
+        if batch:
+            yield _columns(batch)
+
+    total = estimate = None
+    if stream.max_blocks is not None:  # exact unless the split has fewer blocks than the cap
+        todo_count = stream.max_blocks - sum(1 for i in done if 0 <= i < stream.max_blocks)
+        total = len(range(rank, todo_count, world))
+    else:
+
+        def estimate(examples: int) -> int | None:
+            # This rank's examples per document read so far, times the split's documents (when known).
+            length, read = stream.source.length, stream.documents_read
+            return max(examples, round(examples * length / read)) if length and read else None
+
+    return _Work(batches(), total, lambda: skipped[0], estimate)
+
+
+def _columns(blocks: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows to columns, the shape ``Dataset[positions]`` returns."""
+    return {key: [block[key] for block in blocks] for key in blocks[0]}
 
 
 def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[str, Any]:
@@ -174,6 +312,7 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
     out = projection_output(directory, *FLAGS)
     mode = rargs.mode()
     refuse_fresh_into_rows(out, mode)  # before any model or data is loaded (read-only: every rank agrees)
+    source = open_source_for_pass(margs, rargs)  # --streaming: refused combinations fail before the model
     if state.is_main_process:
         ensure_writable_dir(directory, FLAGS[0])
     state.wait_for_everyone()
@@ -182,7 +321,7 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
     model.to(device).eval()
     projector = projector_from_args(model, pargs)  # a bad --proj_layers fails here, before the data
     with state.main_process_first():
-        data = load_data_for_pass(margs, rargs, tokenizer)
+        data = open_blocks_for_pass(margs, rargs, tokenizer, source)
     meta = projector.metadata()
     if state.is_main_process:  # the others wait: nothing is read or written before the directory is settled
         settings = {**row_settings(meta), "data": data_settings(margs, rargs.split)}
@@ -201,11 +340,9 @@ def run_projection(margs: Any, pargs: Any, rargs: ProjectRunArguments) -> dict[s
             "world_size": world,
         }
         write_json_atomic(directory / RUN_CONFIG_FILE, run_config, flag=FLAGS[0])
-    ids = [int(i) for i in data["example_id"]]
-    todo = [pos for pos, i in enumerate(ids) if i not in done]
-    mine = todo[rank::world]
-    stats = _project_rows(projector, data, mine, tokenizer, rargs, pargs, directory, rank, device, state)
-    stats.update(skipped_already_done=len(ids) - len(todo))
+    work = _plan_work(data, done, rank, world, rargs.batch_size)
+    stats = _project_rows(projector, work, tokenizer, rargs, pargs, directory, rank, device, state)
+    stats.update(skipped_already_done=work.skipped())
     write_json_atomic(directory / f".stats-rank{rank:03d}.json", stats, flag=FLAGS[0])
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -223,8 +360,7 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 def _project_rows(
     projector: KroneckerProjector,
-    data: Any,
-    positions: list[int],
+    work: _Work,
     tokenizer: Any,
     rargs: ProjectRunArguments,
     pargs: Any,
@@ -244,18 +380,18 @@ def _project_rows(
     )
     kill_after = int(os.environ.get(KILL_ENV, "0"))
     bar = tqdm(
-        total=len(positions),
+        total=work.total,  # None (a streamed split of unknown size): tqdm shows the count and rate
         unit="ex",
         disable=rargs.disable_tqdm or not state.is_local_main_process,
         desc=f"projecting (rank {rank})",
         dynamic_ncols=True,
     )
-    tokens, loss_sum, batches, start = 0, 0.0, 0, time.perf_counter()
+    tokens, loss_sum, batches, examples, start = 0, 0.0, 0, 0, time.perf_counter()
     in_flight: tuple[HostCopy, Any, int] | None = None  # the previous batch, its rows still copying
 
     def finish(copy: HostCopy, chunk: Any, batch_number: int) -> None:
         # Batch k is written while batch k + 1 runs: its copy is long done, so this does not stall.
-        nonlocal loss_sum
+        nonlocal loss_sum, examples
         rows, loss = copy.wait()
         batch_loss = float(loss)
         loss_sum += batch_loss
@@ -270,14 +406,16 @@ def _project_rows(
             for e, ids in zip(chunk["example_id"], chunk["input_ids"])
         ]
         writer.add(rows, index)
+        examples += len(index)
+        if work.estimate is not None and (estimated := work.estimate(examples)) is not None:
+            bar.total = estimated  # an ETA extrapolated from the documents read so far
         bar.update(len(index))
         bar.set_postfix(
             loss=f"{batch_loss:.3f}", tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}"
         )
 
     try:
-        for first in range(0, len(positions), rargs.batch_size):
-            chunk = data[positions[first : first + rargs.batch_size]]
+        for chunk in work.batches:
             batch = {
                 k: _to_device(chunk[k], device)
                 for k in ("input_ids", "attention_mask", "labels")
@@ -302,7 +440,7 @@ def _project_rows(
     elapsed = time.perf_counter() - start
     return {
         "rank": rank,
-        "examples": len(positions),
+        "examples": examples,
         "batches": batches,
         "tokens": tokens,
         "seconds": elapsed,
