@@ -56,6 +56,7 @@ GQC_RANGES: dict[str, Range] = {
     "gqc_mht_confidence": Range(low=0, high=1, low_open=True, high_open=True),
     "gqc_mht_beta": Range(low=0, high=1, low_open=True),
     "gqc_gns_ema": Range(low=0, high=1, low_open=True),
+    "gqc_sample_norm_every": POSITIVE_INT,
     "gqc_lr_coupling_k0": NON_NEGATIVE,
 }
 
@@ -160,6 +161,15 @@ class GQCArguments:
             "(0 < x <= 1); below 1 blends in an EMA of the previous windows' estimates. 1.0: the window alone."
         },
     )
+    gqc_sample_norm_every: int = field(
+        default=1,
+        metadata={
+            "help": "gns_sample: capture per-sample gradient norms on every N-th training microbatch only "
+            "(counted over the run; >= 1). Other microbatches run without hooks and reuse the last measured "
+            "mean per-sample squared norm, with their own sample count, token weights and window norm "
+            "(docs/gqc.md). Cuts the capture cost about N-fold; 1: measure every microbatch."
+        },
+    )
     # ---- LR coupled to the window size (docs/gqc.md, hf_gradext/gqc/lr_coupling.py)
     gqc_lr_coupling: str = field(
         default="none",
@@ -211,6 +221,11 @@ class GQCArguments:
         # Ranges first, with --gqc none too: a value outside its range is a mistake whether or not it is used.
         check_ranges(self, GQC_RANGES)
         self._validate_lr_coupling()
+        if self.gqc_sample_norm_every != 1 and self.gqc != "gns_sample":
+            raise UserFacingError(
+                f"--gqc_sample_norm_every {self.gqc_sample_norm_every} applies to --gqc gns_sample only "
+                f"(got --gqc {self.gqc}); drop it or use --gqc gns_sample"
+            )
         if self.gqc == "none":
             return
         if self.gqc_schedule not in GQC_SCHEDULES:

@@ -11,6 +11,7 @@ so every controller gets them the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class Observation:
         sample_sq_norms: (B,) this microbatch's per-sample squared gradient norms (gns_sample, one
             process; used when ``sample_stats`` is None).
         sample_weights: (B,) raw weights of those samples in the window's mean gradient (None: equal).
+        sample_norms_measured: False when ``sample_stats`` holds only the count and weights of this
+            microbatch (its per-sample norms were not captured, ``--gqc_sample_norm_every``): gns_sample
+            imputes ``sq_sum`` from the last measured microbatch.
         lr_factor: the LR scheduler's factor (LR / initial LR) at the window's first microbatch (seesaw).
     """
 
@@ -51,6 +55,7 @@ class Observation:
     sample_stats: SampleNormStats | None = None
     sample_sq_norms: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
+    sample_norms_measured: bool = True
     lr_factor: float | None = None
 
 
@@ -71,6 +76,10 @@ class Controller(ABC):
     def effective_threshold(self, obs: Observation) -> float:
         """The number the decision compared against (for logs)."""
         return obs.threshold
+
+    def measures(self, microbatch_index: int) -> bool:
+        """Whether microbatch ``microbatch_index`` of the run needs per-sample norms (``needs_sample_norms``)."""
+        return True
 
     def end_window(self, stepped: bool) -> None:  # noqa: B027 - optional hook, stateless controllers skip it
         """Forget per-window history (called after a step or a skipped window)."""
@@ -193,24 +202,53 @@ class GNSSample(Controller):
         ema: weight of the current window in ``tr(Sigma)`` and ``|G|^2`` (McCandlish et al. smooth both
             before dividing). 1.0 (default): the window alone; below 1 the decision blends in an EMA over
             the previous windows' final estimates, which steadies small-window decisions.
+        sample_norm_every: measure per-sample norms on every N-th microbatch of the run only
+            (:meth:`measures`); an unmeasured draw brings its exact count and weights, and its
+            ``sum |g_i|^2`` is imputed as ``count x`` the last measured microbatch's ``mean |g_i|^2``
+            (:mod:`hf_gradext.gqc.noise`, module docstring). 1 (default): every microbatch, no imputation.
     """
 
     name = "gns_sample"
     threshold_name = "noise_tolerance"
     needs_sample_norms = True
 
-    def __init__(self, ema: float = 1.0) -> None:
+    def __init__(self, ema: float = 1.0, sample_norm_every: int = 1) -> None:
         if not 0 < ema <= 1:
             raise ValueError(f"ema must be in (0, 1], got {ema}")
+        if (
+            isinstance(sample_norm_every, bool)
+            or not isinstance(sample_norm_every, int)
+            or sample_norm_every < 1
+        ):
+            raise ValueError(f"sample_norm_every must be an integer >= 1, got {sample_norm_every!r}")
         self.ema = ema
+        self.sample_norm_every = sample_norm_every
+        # mean |g_i|^2 of the last measured microbatch (over all ranks): what an unmeasured draw imputes.
+        # Checkpointed, so a resumed run imputes (and measures, see measures()) exactly as an uninterrupted one.
+        self.last_mean_sq: float | None = None
         self.window = SampleNormStats()
         self.trace_ema: float | None = None
         self.signal_ema: float | None = None
         self.last: NoiseEstimate | None = None  # the estimate behind the last decision (for logs)
         self._window_estimate: NoiseEstimate | None = None
 
+    def measures(self, microbatch_index: int) -> bool:
+        """Whether the run's microbatch number ``microbatch_index`` (0-based, all epochs) needs its norms.
+
+        Every ``sample_norm_every``-th one, and any one while there is nothing to impute from (the run's
+        first, or a checkpoint written without a measured value). The index and this state are the same
+        on every rank, so all ranks measure on the same microbatches.
+        """
+        return self.last_mean_sq is None or microbatch_index % self.sample_norm_every == 0
+
     def decide(self, obs: Observation) -> bool:
-        if obs.sample_stats is not None:
+        if obs.sample_stats is not None and not obs.sample_norms_measured:
+            if self.last_mean_sq is None:
+                raise RuntimeError(
+                    "gns_sample: an unmeasured microbatch arrived before any measured one (see measures())"
+                )
+            stats = dataclasses.replace(obs.sample_stats, sq_sum=self.last_mean_sq * obs.sample_stats.count)
+        elif obs.sample_stats is not None:
             stats = obs.sample_stats
         elif obs.sample_sq_norms is not None:
             stats = sample_norm_stats(obs.sample_sq_norms, obs.sample_weights)
@@ -219,6 +257,8 @@ class GNSSample(Controller):
                 "gqc gns_sample needs per-sample squared gradient norms for every microbatch: pass "
                 "sample_sq_norms=(B,) tensor (e.g. from hf_gradext.grad.per_sample_grad_norms) or sample_stats"
             )
+        if obs.sample_norms_measured and stats.count > 0:
+            self.last_mean_sq = stats.mean_sq
         self.window = self.window + stats
         est = estimate_noise(self.window, obs.mean_grad_norm**2)
         self._window_estimate = est
@@ -247,11 +287,12 @@ class GNSSample(Controller):
         self._window_estimate = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"trace_ema": self.trace_ema, "signal_ema": self.signal_ema}
+        return {"trace_ema": self.trace_ema, "signal_ema": self.signal_ema, "last_mean_sq": self.last_mean_sq}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trace_ema = state.get("trace_ema")
         self.signal_ema = state.get("signal_ema")
+        self.last_mean_sq = state.get("last_mean_sq")  # absent in older checkpoints: measures() re-measures
 
 
 class Seesaw(Controller):
@@ -356,7 +397,9 @@ def build_controller(args) -> Controller:
     if args.gqc == "gns":
         return GNS()
     if args.gqc == "gns_sample":
-        return GNSSample(ema=getattr(args, "gqc_gns_ema", 1.0))
+        return GNSSample(
+            ema=getattr(args, "gqc_gns_ema", 1.0), sample_norm_every=getattr(args, "gqc_sample_norm_every", 1)
+        )
     if args.gqc == "seesaw":
         return Seesaw(k0=int(args.gqc_threshold_start), cap=args.gqc_max_microbatches)
     if args.gqc == "mht":

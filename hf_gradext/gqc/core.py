@@ -109,6 +109,7 @@ class GQCCore:
         sample_stats: SampleNormStats | None = None,
         sample_sq_norms: torch.Tensor | None = None,
         sample_weights: torch.Tensor | None = None,
+        sample_norms_measured: bool = True,
         lr_factor: float | None = None,
     ) -> Decision:
         """Decide on the window after ``add_microbatch``; a step or skip closes the window.
@@ -122,6 +123,8 @@ class GQCCore:
             sample_stats / sample_sq_norms / sample_weights: this microbatch's per-sample squared
                 gradient norms for gns_sample, reduced over ranks (``SampleNormStats``) or as (B,) tensors
                 (one process); see :class:`~hf_gradext.gqc.controllers.Observation`.
+            sample_norms_measured: False when ``sample_stats`` carries only count and weights (the
+                microbatch was not captured, ``--gqc_sample_norm_every``).
             lr_factor: the LR scheduler's LR over its initial LR at the window's first microbatch (seesaw).
         """
         if self.window_k < 1:
@@ -137,6 +140,7 @@ class GQCCore:
             sample_stats=sample_stats,
             sample_sq_norms=sample_sq_norms,
             sample_weights=sample_weights,
+            sample_norms_measured=sample_norms_measured,
             lr_factor=lr_factor,
         )
         nonfinite = nonfinite or not math.isfinite(mean_grad_norm)

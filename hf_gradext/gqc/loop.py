@@ -35,7 +35,7 @@ import torch
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.gqc import lr_coupling
-from hf_gradext.gqc.noise import SampleNormStats
+from hf_gradext.gqc.noise import SampleNormStats, weight_vector
 from hf_gradext.gqc.norms import MicrobatchNormTracker, grads_of, scale_, total_norm
 from hf_gradext.gqc.run import GQCRun, require_run
 from hf_gradext.gqc.sample_norms import VECTOR_SIZE, SampleNormCapture, sample_weights
@@ -284,7 +284,11 @@ def _run_epoch(
 
         accelerate_internals.set_sync_gradients(trainer.accelerator, True)
         local_items, local_tokens, local_samples = _counts(trainer, current)
-        armed = capture.microbatch(trainer, current, one) if capture is not None else nullcontext()
+        # --gqc_sample_norm_every: the controller picks the measured microbatches from the run's global
+        # microbatch count (checkpointed, equal on every rank), so ranks and resumed runs agree. Unmeasured
+        # ones run with the hooks disarmed: no (a, g) records, no per-sample math.
+        measured = capture is not None and core.controller.measures(int(core.totals["microbatches"]))
+        armed = capture.microbatch(trainer, current, one) if measured else nullcontext()
         with armed:
             loss = trainer.training_step(model, current, one)  # token sum (x loss_mult) or microbatch mean
         trainer.current_flos += float(trainer.floating_point_ops(current))
@@ -312,7 +316,10 @@ def _run_epoch(
             vec[metrics_at + rank] = loss_f / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else loss_f
         if capture is not None:
             weights = sample_weights(current, _shifts_labels(trainer), sum_loss)  # (B,) or None
-            vec[samples_at:] = capture.vector(weights)
+            # Unmeasured: exact count and weights (from the labels), sq_sum 0; the controller imputes it.
+            vec[samples_at:] = (
+                capture.vector(weights) if measured else weight_vector(weights, int(local_samples), device)
+            )
         vals = _all_reduce_sum(vec, trainer).tolist()
         core.add_microbatch(items=vals[3], tokens=vals[4], samples=int(vals[5]))
         run.microbatches_in_epoch += 1
@@ -331,6 +338,7 @@ def _run_epoch(
             metrics=vals[metrics_at:samples_at] if needs_metrics else (),
             force=last,
             sample_stats=SampleNormStats.from_vector(vals[samples_at:]) if capture is not None else None,
+            sample_norms_measured=measured or capture is None,
             lr_factor=window_factor,
         )
         trainer.state.epoch = epoch + run.microbatches_in_epoch / steps_in_epoch

@@ -21,6 +21,15 @@ Both estimates need only four additive numbers per microbatch (:class:`SampleNor
 and the ranks of a DDP run combine by summing them: one small all-reduce, no per-sample tensor moves.
 The ratio of two unbiased estimates is not unbiased; at a handful of samples it is noisy (see the
 ``ema`` option of :class:`hf_gradext.gqc.controllers.GNSSample`).
+
+Measuring every N-th microbatch (``--gqc_sample_norm_every N``): of the four numbers only ``sq_sum``
+needs the per-sample norms; ``count`` and the weights come from the labels of every microbatch
+(:func:`weight_vector`). On a microbatch whose norms were not measured, ``sq_sum`` is imputed as
+``count x S_last``, ``S_last`` the ``mean_sq`` of the most recent measured microbatch (over all ranks).
+``S`` estimates ``E |g_i|^2 = |G|^2 + tr(Sigma)``, a per-sample expectation that drifts only as the model
+trains, so the imputed window ``S`` stays unbiased up to that drift over N microbatches; ``W2`` and ``M``
+remain the window's own. What is lost is the correlation of ``S`` and ``M`` on the same samples (which
+partly cancels their noise): the estimate is noisier, not shifted.
 """
 
 from __future__ import annotations
@@ -97,6 +106,25 @@ def sample_norm_vector(sq_norms: torch.Tensor, weights: torch.Tensor | None = No
     # distribution; counting it would pull S = mean |g_i|^2 toward 0. Counted on the device (no host read).
     count = w.gt(0).sum().to(torch.float64)
     return torch.stack([count, sq.sum(), w.sum(), w.pow(2).sum()])
+
+
+def weight_vector(weights: torch.Tensor | None, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """:func:`sample_norm_vector` of a microbatch whose per-sample norms were not measured: ``sq_sum = 0``.
+
+    ``count`` and the weights are exact (they need only the labels); the consumer imputes ``sq_sum``
+    (:class:`hf_gradext.gqc.controllers.GNSSample`, module docstring). Float64 (4,) on ``device``.
+
+    Args:
+        weights: (B,) raw weights, as for :func:`sample_norm_vector`; ``None``: equal weights.
+        batch_size: B (used when ``weights`` is None).
+        device: where the vector goes (the loop's reduction device).
+    """
+    if weights is None:
+        n = float(batch_size)
+        return torch.tensor([n, 0.0, n, n], dtype=torch.float64, device=device)
+    w = weights.detach().to(device=device, dtype=torch.float64)  # (B,)
+    count = w.gt(0).sum().to(torch.float64)  # zero-weight samples are no draw, as in sample_norm_vector
+    return torch.stack([count, w.new_zeros(()), w.sum(), w.pow(2).sum()])
 
 
 def sample_norm_stats(sq_norms: torch.Tensor, weights: torch.Tensor | None = None) -> SampleNormStats:

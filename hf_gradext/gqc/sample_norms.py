@@ -17,6 +17,16 @@ Weights (the samples' raw weights in the window's mean gradient, see :mod:`hf_gr
   over the window, ``G_w = sum_i n_i g_i / sum_i n_i``: weight ``n_i`` (label tokens of sample ``i``);
 * models whose forward takes no ``num_items_in_batch``: the window gradient is the mean of microbatch
   token means: weight ``n_i / n_mb`` (each microbatch weighs 1).
+
+``--gqc_sample_norm_every N`` (N > 1): the loop arms the capture only on the run's microbatches
+``0, N, 2N, ...`` (:meth:`hf_gradext.gqc.controllers.GNSSample.measures`; the index is the checkpointed
+global microbatch count, so every rank and a resumed run measure the same ones). The others run with the
+hooks disarmed (no records, no ghost math) and send :func:`hf_gradext.gqc.noise.weight_vector`: their exact
+count and weights (from the labels: the window's ``W2`` stays exact) with ``sum |g_i|^2`` left to the
+controller, which imputes ``count x`` the last measured ``mean |g_i|^2``. The window's tested norm ``M`` is
+measured on every microbatch as before. Approximation: ``S = E|g_i|^2 = |G|^2 + tr(Sigma)`` is taken from up
+to N - 1 microbatches back (stale by that much training) and from other samples than ``M`` (noisier, not
+biased); see :mod:`hf_gradext.gqc.noise`.
 """
 
 from __future__ import annotations
