@@ -14,7 +14,9 @@ Variants (``--variants`` takes a comma list of these names; every name is parsed
   sbc_to{K}_sqrt             sbc, logical batch linear over the data from 1 sample to K microbatches of
                              samples (sbc steps at >= threshold samples: windows ceil(threshold / B)
                              microbatches, so 1 until the threshold passes B), sqrt(k) LR
-  gns_sample_tol{v}_sqrt     gns_sample (per-sample noise scale), tolerance v, sqrt(k) LR
+  gns_sample_tol{v}_sqrt     gns_sample (per-sample noise scale), tolerance v, sqrt(k) LR; append
+                             ``_every{N}`` to measure the norms on every N-th microbatch only
+                             (--gqc_sample_norm_every N)
   seesaw_k{k0}_cap{c}        Seesaw (--gqc seesaw): k0 microbatches, doubled where the cosine LR would
                              halve (up to the cap c), LR x 1/sqrt(2) per doubling; peak LR = LR0 x sqrt(k0)
   suffix ``_none`` instead of ``_sqrt``: the controller without LR coupling (peak LR0).
@@ -105,10 +107,11 @@ def variant_args(name: str, n: int, lr0: float) -> tuple[dict[str, Any], str]:
             "learning_rate": lr,
         }
         return {**common, **kw}, f"seesaw k0={k0} cap={cap}, peak lr={lr:.4g}"
-    m = re.fullmatch(r"(gnts_rel|sbc_to|gns_sample_tol)([\d.]+)_(sqrt|none)", name)
-    if not m:
+    m = re.fullmatch(r"(gnts_rel|sbc_to|gns_sample_tol)([\d.]+)_(sqrt|none)(?:_every(\d+))?", name)
+    if not m or (m[4] and m[1] != "gns_sample_tol"):
         raise SystemExit(f"unknown variant {name!r}; see the module docstring for the names")
     kind, value, coupling = m[1], float(m[2]), m[3]
+    every = int(m[4]) if m[4] else 1
     kw = {"learning_rate": lr0, "gqc_lr_coupling": coupling}
     if coupling == "sqrt":
         kw["gqc_lr_coupling_k0"] = 1
@@ -119,8 +122,10 @@ def variant_args(name: str, n: int, lr0: float) -> tuple[dict[str, Any], str]:
         kw |= {"gqc": "sbc", "gqc_schedule": "linear", "gqc_max_microbatches": int(value)}
         what = f"sbc 1 sample -> {value:g} microbatches of samples, linear over data"
     else:
-        kw |= {"gqc": "gns_sample", "gqc_threshold_start": value}
-        what = f"gns_sample tolerance {value:g}"
+        kw |= {"gqc": "gns_sample", "gqc_threshold_start": value, "gqc_sample_norm_every": every}
+        what = f"gns_sample tolerance {value:g}" + (
+            f", norms every {every} microbatches" if every > 1 else ""
+        )
     cap = kw.get("gqc_max_microbatches", CAP)
     return {**common, **kw}, f"{what}, lr {lr0:.4g} coupled {coupling}(k/1), cap {cap}"
 
