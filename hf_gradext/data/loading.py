@@ -75,9 +75,12 @@ def _load_hub(args: Any, pct: int) -> dict[str, Any]:
     return _split(ds["train"], pct, ds.get("validation"))
 
 
-def _load_files(args: Any, pct: int) -> dict[str, Any]:
-    from datasets import load_dataset
+def checked_data_files(args: Any) -> tuple[dict[str, str], str]:
+    """``({split: path}, datasets builder)`` of ``--train_file`` / ``--validation_file``, checked first.
 
+    One format for both, each file existing and non-empty: one-line errors naming the flag. Shared by the
+    in-memory and the streaming readers (:mod:`hf_gradext.data.streaming`).
+    """
     files = {"train": args.train_file}
     if getattr(args, "validation_file", None):
         files["validation"] = args.validation_file
@@ -87,14 +90,20 @@ def _load_files(args: Any, pct: int) -> dict[str, Any]:
             "--train_file and --validation_file have different formats; use the same file type for both"
         )
     for split, path in files.items():
-        flag = "--train_file" if split == "train" else "--validation_file"
+        flag = f"--{split}_file"
         if not os.path.isfile(path):
             raise UserFacingError(
                 f"{flag} {path!r} does not exist; pass an existing .txt/.json/.jsonl/.csv file"
             )
         if os.path.getsize(path) == 0:
             raise UserFacingError(f"{flag} {path!r} is empty; pass a file with some text in it")
-    builder = builders.pop()
+    return files, builders.pop()
+
+
+def _load_files(args: Any, pct: int) -> dict[str, Any]:
+    from datasets import load_dataset
+
+    files, builder = checked_data_files(args)
     kwargs: dict[str, Any] = {}
     if builder == "text":
         kwargs["keep_linebreaks"] = getattr(args, "keep_linebreaks", True)

@@ -241,25 +241,9 @@ def _file_streams(margs: Any) -> dict[str, Any]:
     """Local files as loading._load_files reads them (same checks, same builder options), streamed."""
     from datasets import load_dataset
 
-    from hf_gradext.data.loading import _require_text_column, file_builder
+    from hf_gradext.data.loading import _require_text_column, checked_data_files
 
-    files = {"train": margs.train_file}
-    if getattr(margs, "validation_file", None):
-        files["validation"] = margs.validation_file
-    builders = {file_builder(path, f"--{split}_file") for split, path in files.items()}
-    if len(builders) > 1:
-        raise UserFacingError(
-            "--train_file and --validation_file have different formats; use the same file type for both"
-        )
-    for split, path in files.items():
-        flag = f"--{split}_file"
-        if not os.path.isfile(path):
-            raise UserFacingError(
-                f"{flag} {path!r} does not exist; pass an existing .txt/.json/.jsonl/.csv file"
-            )
-        if os.path.getsize(path) == 0:
-            raise UserFacingError(f"{flag} {path!r} is empty; pass a file with some text in it")
-    builder = builders.pop()
+    files, builder = checked_data_files(margs)
     kwargs: dict[str, Any] = (
         {"keep_linebreaks": getattr(margs, "keep_linebreaks", True)} if builder == "text" else {}
     )
