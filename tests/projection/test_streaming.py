@@ -117,14 +117,21 @@ def test_streamed_jsonl_gives_the_blocks_of_the_loaded_file(tmp_path, tiny_token
     )
 
 
-def test_max_samples_reads_and_tokenizes_only_the_first_chunk(docs, tiny_tokenizer, monkeypatch):
-    seen = []
+@pytest.fixture
+def tokenized_chunks(monkeypatch) -> list[int]:
+    """The number of documents of each tokenize_documents call, in order (tokenization still runs)."""
+    seen: list[int] = []
     original = blocks_module.tokenize_documents
     monkeypatch.setattr(
         blocks_module,
         "tokenize_documents",
         lambda texts, tok: seen.append(len(texts)) or original(texts, tok),
     )
+    return seen
+
+
+def test_max_samples_reads_and_tokenizes_only_the_first_chunk(docs, tiny_tokenizer, tokenized_chunks):
+    seen = tokenized_chunks
     for make_source in (arrow_source, streaming_source):
         seen.clear()
         stream = BlockStream(make_source(_margs(docs, 0), "train"), tiny_tokenizer, BLOCK, max_blocks=5)
@@ -185,14 +192,8 @@ def test_streamed_and_capped_rows_equal_the_full_pass(full_run, small_docs, tmp_
     torch.testing.assert_close(got, rows[:n], rtol=1e-4, atol=1e-6)
 
 
-def test_max_samples_does_not_tokenize_the_whole_file(docs, tmp_path, monkeypatch):
-    seen = []
-    original = blocks_module.tokenize_documents
-    monkeypatch.setattr(
-        blocks_module,
-        "tokenize_documents",
-        lambda texts, tok: seen.append(len(texts)) or original(texts, tok),
-    )
+def test_max_samples_does_not_tokenize_the_whole_file(docs, tmp_path, tokenized_chunks):
+    seen = tokenized_chunks
     for mode in ([], ["--streaming"]):
         seen.clear()
         assert _project(tmp_path / f"m{len(mode)}", docs, "--max_samples", "6", *mode) == 0
