@@ -13,6 +13,8 @@ from hf_gradext.arguments.ranges import SEED_MAX, Range, check_ranges
 from hf_gradext.errors import UserFacingError
 
 PROJ_DTYPES = ("bfloat16", "float16", "float32")
+PROJ_METHODS = ("gaussian", "rademacher", "row_orthonormal")  # hf_gradext.projection.matrices.METHODS
+PROJ_SPLITS = ("cost", "balanced")  # hf_gradext.projection.ranks.SPLIT_RULES
 PRECONDITION_MODES = ("rank1", "adafactor")  # the factored modes; full-grads always scales exactly
 
 
@@ -50,12 +52,26 @@ class ProjectionArguments:
         default="bfloat16",
         metadata={"help": "dtype the projected rows are stored in.", "choices": list(PROJ_DTYPES)},
     )
+    proj_method: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Distribution of the Kronecker factors: gaussian (N(0, 1/k) entries), rademacher (+-1/sqrt(k) "
+            "entries: lower variance of projected dot products) or row_orthonormal (orthonormal rows rescaled "
+            "by sqrt(d/k)). All give unbiased dot products in expectation; docs/projection.md compares them.",
+            "choices": list(PROJ_METHODS),
+        },
+    )
+    proj_split: str = field(
+        default="cost",
+        metadata={
+            "help": "How --proj_rank_total is split into k_i x k_o per layer: cost (the fewest multiply-adds) or "
+            "balanced (the square-most split: a sketch of rank min(k_i, k_o) keeps more of each gradient).",
+            "choices": list(PROJ_SPLITS),
+        },
+    )
     proj_row_orthonormal: bool = field(
         default=False,
-        metadata={
-            "help": "Row-orthonormal factors (rescaled by sqrt(d/k)) instead of Gaussian ones; both give "
-            "unbiased dot products in expectation."
-        },
+        metadata={"help": "Same as --proj_method row_orthonormal (kept for existing command lines)."},
     )
     include_embeddings: bool = field(
         default=False,
@@ -116,6 +132,20 @@ class ProjectionArguments:
                 "--proj_precondition cannot be combined with --project_gradients (the optimizer state changes "
                 "during training); train first, then run `hf-gradext project --proj_precondition <checkpoint>`"
             )
+        if self.proj_method not in PROJ_METHODS:
+            raise UserFacingError(
+                f"--proj_method={self.proj_method!r} is not supported; choose one of {', '.join(PROJ_METHODS)}"
+            )
+        if self.proj_split not in PROJ_SPLITS:
+            raise UserFacingError(
+                f"--proj_split={self.proj_split!r} is not supported; choose one of {', '.join(PROJ_SPLITS)}"
+            )
+        if self.proj_row_orthonormal:
+            if self.proj_method not in ("gaussian", "row_orthonormal"):
+                raise UserFacingError(
+                    f"--proj_row_orthonormal contradicts --proj_method {self.proj_method}; pass only one of them"
+                )
+            self.proj_method = "row_orthonormal"
         if self.proj_dtype not in PROJ_DTYPES:
             raise UserFacingError(
                 f"--proj_dtype={self.proj_dtype!r} is not supported; choose one of {', '.join(PROJ_DTYPES)}"

@@ -47,8 +47,8 @@ from hf_gradext.grad.selection import (
 )
 from hf_gradext.integrations.loss import shifts_labels
 from hf_gradext.projection.kronecker import naive_project, project_contribution
-from hf_gradext.projection.matrices import layer_seed, make_factors
-from hf_gradext.projection.ranks import split_rank
+from hf_gradext.projection.matrices import METHODS, layer_seed, make_factors
+from hf_gradext.projection.ranks import SPLIT_RULES, split_rank
 
 logger = logging.getLogger(__name__)
 FORMAT = "hf_gradext.projection/2"
@@ -128,7 +128,11 @@ class KroneckerProjector:
             Linear/Conv1D/Embedding math are projected (embedding tables only when selected: ``"all"``,
             ``"embed"``, a regex, or ``include_embeddings``).
         rank_total: target ``k_i * k_o`` per layer. rank_min: lower bound of each factor.
-        seed: projection seed. row_orthonormal: row-orthonormal factors instead of Gaussian ones.
+        seed: projection seed. method: the factors' distribution, ``"gaussian"`` (default),
+            ``"rademacher"`` (+-1 entries) or ``"row_orthonormal"`` (see
+            :mod:`hf_gradext.projection.matrices`). row_orthonormal: ``True`` is ``method="row_orthonormal"``.
+        split: how ``rank_total`` is split into ``k_i x k_o``: ``"cost"`` (cheapest) or ``"balanced"``
+            (square-most), see :mod:`hf_gradext.projection.ranks`.
         include_embeddings: also project the trainable ``nn.Embedding`` tables (with every other module
             sharing their weight, e.g. a tied ``lm_head``).
         dtype: storage dtype recorded in the metadata (rows returned by :meth:`project` are float32).
@@ -145,13 +149,23 @@ class KroneckerProjector:
         include_embeddings: bool = False,
         dtype: str = "bfloat16",
         *,
+        method: str | None = None,
+        split: str = "cost",
         _blocks: list[LayerBlock] | None = None,
     ) -> None:
         self.model = model
         self.layers, self.rank_total, self.rank_min = layers, rank_total, rank_min
-        self.seed, self.row_orthonormal = seed, row_orthonormal
+        if method is None:
+            method = "row_orthonormal" if row_orthonormal else "gaussian"
+        elif row_orthonormal and method != "row_orthonormal":
+            raise ValueError(f"row_orthonormal=True contradicts method={method!r}; pass one of them")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: use one of {', '.join(METHODS)}")
+        if split not in SPLIT_RULES:
+            raise ValueError(f"split={split!r}: use one of {', '.join(SPLIT_RULES)}")
+        self.seed, self.method, self.split = seed, method, split
+        self.row_orthonormal = method == "row_orthonormal"
         self.include_embeddings, self.dtype = include_embeddings, dtype
-        self.method = "row_orthonormal" if row_orthonormal else "gaussian"
         self.blocks = _blocks if _blocks is not None else self._build_blocks()
         modules = {clean_name(n): m for n, m in unwrap_model(model).named_modules()}
         # Every module using a projected weight is hooked and routed to that weight's block.
@@ -244,7 +258,7 @@ class KroneckerProjector:
             d_out, d_in, layout = shape[0], shape[1], "out_in"
         else:  # Conv1D weight (in, out); Embedding (V, d) treated as in=V, out=d
             d_in, d_out, layout = shape[0], shape[1], "in_out"
-        k_i, k_o = split_rank(d_in, d_out, self.rank_total, self.rank_min)
+        k_i, k_o = split_rank(d_in, d_out, self.rank_total, self.rank_min, self.split)
         return LayerBlock(
             name, kind, weight_name, shape, layout, d_in, d_out, k_i, k_o, 0, 0, layer_seed(self.seed, name),
             list(tied),
@@ -291,6 +305,10 @@ class KroneckerProjector:
             "total_proj_dim": self.dim,
             "layers": [asdict(b) for b in self.blocks],
         }
+        if self.method == "rademacher":
+            meta["seed_rule"] += "; rademacher: signs 2 * randint(0, 2) - 1 (int64) in place of randn"
+        if self.split != "cost":  # absent for the default: older directories keep their settings
+            meta["proj_split"] = self.split
         if self.preconditioning is not None:  # absent when off: older directories keep their settings
             meta["preconditioning"] = dict(self.preconditioning)
         return meta
@@ -312,6 +330,11 @@ class KroneckerProjector:
             raise UserFacingError(
                 f"metadata format {meta.get('format')!r} is not {FORMAT!r}; re-run the projection"
             )
+        if meta.get("proj_method") not in METHODS:
+            raise UserFacingError(
+                f"metadata proj_method {meta.get('proj_method')!r} is not one this hf_gradext knows "
+                f"({', '.join(METHODS)}); use the hf_gradext version that wrote it or re-run the projection"
+            )
         blocks = [LayerBlock(**b) for b in meta["layers"]]
         _check_blocks(blocks, model, meta["format"])
         return cls(
@@ -320,7 +343,8 @@ class KroneckerProjector:
             rank_total=meta["proj_rank_total"],
             rank_min=meta["proj_rank_min"],
             seed=meta["proj_seed"],
-            row_orthonormal=meta["proj_method"] == "row_orthonormal",
+            method=meta["proj_method"],
+            split=meta.get("proj_split", "cost"),
             include_embeddings=meta["include_embeddings"],
             dtype=meta.get("proj_dtype", "bfloat16"),
             _blocks=blocks,
@@ -538,7 +562,8 @@ def projector_from_args(model: nn.Module, args: Any, layers: str | None = None) 
             rank_total=args.proj_rank_total,
             rank_min=args.proj_rank_min,
             seed=args.proj_seed,
-            row_orthonormal=args.proj_row_orthonormal,
+            method="row_orthonormal" if getattr(args, "proj_row_orthonormal", False) else args.proj_method,
+            split=args.proj_split,
             include_embeddings=args.include_embeddings,
             dtype=args.proj_dtype,
         )

@@ -19,12 +19,16 @@ def test_defaults_match_issue():
         a.proj_dtype,
     ) == (False, "mlp,attn", 256, 8, 42, "bfloat16")
     assert not a.proj_row_orthonormal and not a.include_embeddings and a.proj_save_interval >= 1
+    assert a.proj_method == "gaussian"
 
 
 @pytest.mark.parametrize(
     "kw,flag",
     [
         ({"proj_dtype": "int8"}, "--proj_dtype"),
+        ({"proj_method": "sparse"}, "--proj_method"),
+        ({"proj_split": "square"}, "--proj_split"),
+        ({"proj_method": "rademacher", "proj_row_orthonormal": True}, "--proj_row_orthonormal"),
         ({"proj_rank_min": 0}, "--proj_rank_min"),
         ({"proj_rank_total": 10}, "--proj_rank_total"),
         ({"proj_save_interval": 0}, "--proj_save_interval"),
@@ -61,3 +65,29 @@ def test_flags_parse_from_command_line():
     )
     assert a.project_gradients and a.proj_layers == "transformer.h.0" and a.proj_dtype == "float16"
     assert a.proj_row_orthonormal and a.include_embeddings and a.proj_save_interval == 5
+    assert a.proj_method == "row_orthonormal"  # the old flag is the new one's alias
+
+
+def test_proj_method_parses_and_names_match_the_matrices_module():
+    from transformers import HfArgumentParser
+
+    from hf_gradext.arguments.projection import PROJ_METHODS, PROJ_SPLITS
+    from hf_gradext.projection.matrices import METHODS
+    from hf_gradext.projection.ranks import SPLIT_RULES
+
+    # the argument module stays torch-free, so the lists are written twice
+    assert PROJ_METHODS == METHODS and PROJ_SPLITS == SPLIT_RULES
+    (a,) = HfArgumentParser(GradExtArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "/tmp/x",
+            "--proj_method",
+            "rademacher",
+            "--proj_split",
+            "balanced",
+            "--report_to",
+            "none",
+        ]
+    )
+    assert a.proj_method == "rademacher" and not a.proj_row_orthonormal and a.proj_split == "balanced"
+    assert _args().proj_split == "cost"

@@ -48,7 +48,7 @@ def test_gaussian_and_orthonormal_dot_products_unbiased():
     d_out, d_in, k_i, k_o = 12, 10, 4, 3
     x = torch.randn(d_out * d_in, generator=gen, dtype=torch.float64)
     y = x + 0.5 * torch.randn(d_out * d_in, generator=gen, dtype=torch.float64)
-    for method in ("gaussian", "row_orthonormal"):
+    for method in ("gaussian", "rademacher", "row_orthonormal"):
         est = []
         for s in range(1500):
             p_in, p_out = make_factors("l", d_in, d_out, k_i, k_o, seed=s, method=method)
@@ -57,3 +57,27 @@ def test_gaussian_and_orthonormal_dot_products_unbiased():
         est = torch.tensor(est, dtype=torch.float64)
         # mean within 4 standard errors of the truth
         assert abs(est.mean() - x @ y) < 4 * est.std() / len(est) ** 0.5, method
+
+
+def test_rademacher_entries_are_signs_over_sqrt_k():
+    p_in, p_out = make_factors("l", 64, 8, 16, 4, seed=1, method="rademacher")
+    assert set((p_in * 4).round().unique().tolist()) == {-1.0, 1.0}  # k_i = 16: +-1/4
+    assert set((p_out * 2).round().unique().tolist()) == {-1.0, 1.0}  # k_o = 4: +-1/2
+    assert torch.equal(p_in, make_factors("l", 64, 8, 16, 4, seed=1, method="rademacher")[0])
+    assert not torch.equal(p_in, make_factors("l", 64, 8, 16, 4, seed=2, method="rademacher")[0])
+
+
+def test_rademacher_dot_products_vary_less_than_gaussian():
+    # Why the method exists: for a Kronecker sketch the variance of a projected squared norm is
+    # 2|x|^4/k-ish plus a fourth-moment term that is 0 for +-1 entries and positive for Gaussian ones.
+    gen = torch.Generator().manual_seed(1)
+    d_out, d_in, k_i, k_o = 16, 12, 2, 2
+    x = torch.randn(d_out * d_in, generator=gen, dtype=torch.float64)
+    spread = {}
+    for method in ("gaussian", "rademacher"):
+        est = []
+        for s in range(800):
+            p_in, p_out = make_factors("l", d_in, d_out, k_i, k_o, seed=s, method=method)
+            est.append(float((torch.kron(p_out, p_in) @ x).pow(2).sum()))
+        spread[method] = torch.tensor(est).var().item()
+    assert spread["rademacher"] < 0.8 * spread["gaussian"], spread

@@ -13,8 +13,8 @@ def _max_rel(a, b):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("row_orthonormal", [False, True])
-def test_kronecker_equals_naive_projection_of_exact_grads_float64(tie, row_orthonormal):
+@pytest.mark.parametrize("method", ["gaussian", "rademacher", "row_orthonormal"])
+def test_kronecker_equals_naive_projection_of_exact_grads_float64(tie, method):
     model = make_tiny_gpt2(tie=tie)
     batch = make_batch()
     proj = KroneckerProjector(
@@ -23,9 +23,10 @@ def test_kronecker_equals_naive_projection_of_exact_grads_float64(tie, row_ortho
         rank_total=16,
         rank_min=2,
         seed=5,
-        row_orthonormal=row_orthonormal,
+        method=method,
         include_embeddings=True,
     )
+    assert proj.metadata()["proj_method"] == method
     rows = proj.project(batch)
     assert rows.dtype == torch.float64 and rows.shape == (3, proj.dim)
     exact = oracle_grads(model, batch, sorted({b.weight_name for b in proj.blocks}))
@@ -74,6 +75,42 @@ def test_from_metadata_rebuilds_identical_projector(tmp_path, tiny_gpt2):
         assert all(torch.equal(x, y) for x, y in zip(proj.factors(b.name), again.factors(b.name)))
     batch = make_batch()
     torch.testing.assert_close(proj.project(batch), again.project(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "rademacher"])
+def test_from_metadata_keeps_the_method(tmp_path, tiny_gpt2, method):
+    proj = KroneckerProjector(tiny_gpt2, layers="mlp", rank_total=16, rank_min=2, seed=3, method=method)
+    again = KroneckerProjector.from_metadata(proj.metadata(), tiny_gpt2)
+    assert again.method == method
+    for b in proj.blocks:
+        assert all(torch.equal(x, y) for x, y in zip(proj.factors(b.name), again.factors(b.name)))
+
+
+def test_balanced_split_is_recorded_and_rebuilt(tiny_gpt2):
+    # c_attn is 32 -> 96 in the tiny model: cost picks 8 x 2, balanced 4 x 4
+    cost = KroneckerProjector(tiny_gpt2, layers="attn", rank_total=16, rank_min=2)
+    bal = KroneckerProjector(tiny_gpt2, layers="attn", rank_total=16, rank_min=2, split="balanced")
+    assert [(b.k_i, b.k_o) for b in cost.blocks][0] != (4, 4)
+    assert [(b.k_i, b.k_o) for b in bal.blocks] == [(4, 4), (4, 4)] * 2
+    assert "proj_split" not in cost.metadata()  # default: older directories' settings unchanged
+    again = KroneckerProjector.from_metadata(bal.metadata(), tiny_gpt2)
+    assert again.split == "balanced" and again.metadata() == bal.metadata()
+    batch = make_batch()
+    torch.testing.assert_close(bal.project(batch), again.project(batch), rtol=0, atol=0)
+
+
+def test_from_metadata_refuses_an_unknown_method(tiny_gpt2):
+    # An unknown method used to rebuild Gaussian factors silently: rows that no longer match the stored ones.
+    meta = {**KroneckerProjector(tiny_gpt2, rank_total=16, rank_min=2).metadata(), "proj_method": "sparse"}
+    with pytest.raises(UserFacingError, match="proj_method 'sparse'"):
+        KroneckerProjector.from_metadata(meta, tiny_gpt2)
+
+
+def test_method_arguments_are_checked(tiny_gpt2):
+    with pytest.raises(ValueError, match="contradicts"):
+        KroneckerProjector(tiny_gpt2, rank_total=16, rank_min=2, row_orthonormal=True, method="rademacher")
+    with pytest.raises(ValueError, match="use one of"):
+        KroneckerProjector(tiny_gpt2, rank_total=16, rank_min=2, method="sparse")
 
 
 def test_from_metadata_rejects_other_model(tiny_gpt2):
@@ -155,6 +192,8 @@ def test_projector_from_args_maps_every_flag():
         proj_rank_min=2,
         proj_seed=7,
         proj_row_orthonormal=True,
+        proj_method="gaussian",
+        proj_split="cost",
         include_embeddings=True,
         proj_dtype="float32",
     )
@@ -164,3 +203,6 @@ def test_projector_from_args_maps_every_flag():
     )  # fmt: skip
     assert projector_from_args(model, args, layers="attn").metadata() == explicit.metadata()
     assert projector_from_args(model, args).metadata()["layers"] != explicit.metadata()["layers"]
+    args.proj_row_orthonormal, args.proj_method, args.proj_split = False, "rademacher", "balanced"
+    again = projector_from_args(model, args, layers="attn")
+    assert again.method == "rademacher" and again.split == "balanced"
