@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "benchmarks" / "attribution_lds.py"
-HF_METHODS = {"kron", "exact", "adam_exact", "adam_rank1", "adam_adafactor", "adam_full"}
+HF_METHODS = {
+    "kron", "kron_orth", "kron_rad", "exact", "adam_exact", "adam_rank1", "adam_rank1_rad_bal",
+    "adam_adafactor", "adam_full",
+}  # fmt: skip
 
 
 def _run(tmp_path, peers: str) -> list[dict[str, str]]:
@@ -62,3 +65,52 @@ def test_lds_benchmark_smoke_with_peers(tmp_path):
     pytest.importorskip("trak")
     rows = _run(tmp_path, peers="bergson,dattri,traker")
     assert _methods(rows) >= {"bergson", "bergson_adam", "dattri_trak", "traker"}
+    # every hf_gradext method is paired with a peer's scores on the same queries
+    paired = {r["variant"].split("/")[0] for r in rows if r["metric"].startswith("lds_minus_bergson")}
+    assert paired >= {"kron", "kron_rad", "adam_rank1"}
+
+
+def _benchmark_module():
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling _common
+    try:
+        spec = importlib.util.spec_from_file_location("attribution_lds", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_paired_difference_is_sharper_than_the_unpaired_intervals():
+    import torch
+
+    bench = _benchmark_module()
+    gen = torch.Generator().manual_seed(0)
+    query_level = torch.rand(1, 40, generator=gen, dtype=torch.float64)  # (1, Q): shared by both methods
+    b = query_level + 0.01 * torch.randn(6, 40, generator=gen, dtype=torch.float64)  # (S, Q)
+    a = query_level + 0.03 + 0.01 * torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    point, lo, hi = bench.paired_difference(a, b)
+    assert point == pytest.approx(float(a.mean() - b.mean()))
+    assert lo < 0.03 < hi and lo > 0  # the shift is found, and it is significant
+    a_lo, a_hi = bench.bootstrap(a.mean(0))
+    assert hi - lo < 0.2 * (a_hi - a_lo)  # the query-to-query spread cancels in the difference
+
+
+def test_versus_best_peer_picks_the_better_peer_per_d_and_score():
+    import torch
+
+    bench = _benchmark_module()
+    ones = torch.ones(2, 5, dtype=torch.float64)
+    lds = {
+        ("kron", "dot", 128): 0.5 * ones,
+        ("bergson", "dot", 128): 0.4 * ones,
+        ("bergson_adam", "dot", 128): 0.45 * ones,
+        ("exact", "dot", 999): ones,  # no projection: not paired
+        ("kron", "cosine", 512): ones,  # no peer at this D and score: not paired
+    }
+    paired = bench.versus_best_peer(lds)
+    assert set(paired) == {("kron", "dot", 128)}
+    peer, diff, lo, hi = paired[("kron", "dot", 128)]
+    assert peer == "bergson_adam" and diff == pytest.approx(0.05) and lo == pytest.approx(0.05)

@@ -6,16 +6,21 @@ model retrained from the same initialization on each subset (same recipe: epochs
 order seed m); the loss L_m(q) of each held-out query q under model m. The attribution scores tau(q, i)
 come from ONE model trained on the whole training set. Predicted subset score: sum_{i in S_m} tau(q, i).
 A higher score means "training on i lowers q's loss", so LDS(q) = Spearman over m of (predicted, -L_m(q))
-(ranks without tie correction: both are continuous). Every projected method is run with 3 projection
+(ranks without tie correction: both are continuous). Every projected method is run with 8 projection
 seeds (``--proj_seeds``): reported are the mean over queries of the seed-averaged LDS, a 95% percentile
 bootstrap interval over queries (10,000 resamples) and the range of the per-seed means (a single
-projection draw at D = 128 moves LDS by a few hundredths).
+projection draw at D = 128 moves LDS by up to 0.04). Comparisons between methods use the paired
+difference to the best peer at the same D and score (``lds_minus_<peer>`` rows): both methods are
+evaluated on the same queries, so the difference is much sharper than the two intervals; its 95%
+interval resamples the queries (shared) and each method's seeds (independent), 10,000 times.
 
 Methods (representation x score). hf_gradext: ``kron`` (KroneckerProjector on the 8 block weights of a
 2-layer GPT-2, rank_total per layer 16 / 64 / 256 -> D = 128 / 512 / 2048; rank_min = the default 8,
 lowered to 4 for rank_total 16; the k_i x k_o rule then gives 4x4, 8x8 and, at 256, 32x8 / 16x16 / 32x8 /
 8x32), ``kron_square`` (16x16 everywhere, where that differs: the split bergson uses), ``kron_orth``
-(``row_orthonormal=True`` factors), ``exact``
+(``method="row_orthonormal"`` factors), ``kron_rad`` (``method="rademacher"``: +-1 entries, what bergson
+draws), ``kron_rad_bal`` (rademacher with ``split="balanced"``, the square-most split, where it differs),
+``adam_rank1_rad_bal`` (the rank-1 folded Adam scale on rademacher / balanced factors), ``exact``
 (per_sample_gradients of the same weights, D = 98,304, the upper reference). Scores, from
 hf_gradext.projection.attribution.top_k_attribution with K = N: ``dot``, ``cosine``, ``damped`` =
 g_q^T (F + 0.1 tr(F)/D I)^-1 g_i with F = G^T G / N (for ``exact`` the same formula by Woodbury on the
@@ -41,7 +46,7 @@ the steadier one on a shared machine; compare within a run); ``peak_rss_delta`` 
 resident memory during that work minus the resident memory before it (Linux VmHWM, reset through
 /proc/self/clear_refs after a malloc_trim; only without /proc: the ru_maxrss delta, which can only grow).
 
-Run (CPU, about 13 minutes on 1 thread of a shared 2-core machine; peers that are not installed are
+Run (CPU, about 30 minutes on 1 thread of a shared 2-core machine; peers that are not installed are
 skipped; docs/projection.md gives the versions used and how to install them next to a CPU torch):
     python recipes/benchmarks/attribution_lds.py
 Smoke (under a minute, what the test runs):
@@ -86,6 +91,7 @@ from hf_gradext.projection.preconditioning import AdamPreconditioner
 DAMPING = 0.1  # relative to the mean eigenvalue of F (attribution.py's convention)
 KINDS = ("dot", "cosine", "damped")
 TRAK_METHODS = ("dattri_trak", "traker")  # their own TRAK scores, not our scoring of their rows
+PEERS_SCORED = ("bergson", "bergson_adam")  # peer representations scored by our dot / cosine / damped
 UNSEEDED = ("exact", "adam_full")  # no projection
 
 
@@ -201,6 +207,28 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> torc
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)  # (Q,)
 
 
+def paired_difference(a: torch.Tensor, b: torch.Tensor, reps: int = 10_000) -> tuple[float, float, float]:
+    """Mean and 95% interval of ``mean LDS(a) - mean LDS(b)`` on the same queries.
+
+    ``a`` (S_a, Q) and ``b`` (S_b, Q): per-seed, per-query LDS of two methods. Two-level percentile
+    bootstrap: the queries are resampled once per replicate for both (they are shared, which is what makes
+    the difference sharper than the two intervals), each method's projection seeds independently (their
+    draws are independent), so the interval holds both sources of noise.
+    """
+    gen = torch.Generator().manual_seed(1)
+    q = a.shape[1]
+    idx_q = torch.randint(0, q, (reps, q), generator=gen)  # (R, Q)
+
+    def resampled(x: torch.Tensor) -> torch.Tensor:
+        idx_s = torch.randint(0, x.shape[0], (reps, x.shape[0]), generator=gen)  # (R, S)
+        per_query = x[idx_s].mean(dim=1)  # (R, Q): seed-resampled LDS of each query
+        return per_query.gather(1, idx_q).mean(dim=1)  # (R,)
+
+    diffs = resampled(a.double()) - resampled(b.double())
+    point = float(a.double().mean() - b.double().mean())
+    return point, float(diffs.quantile(0.025)), float(diffs.quantile(0.975))
+
+
 def bootstrap(values: torch.Tensor, reps: int = 10_000) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(values), (reps, len(values)), generator=gen)
@@ -271,20 +299,28 @@ def hf_methods(model, train_ids, query_ids, ranks, precond: AdamPreconditioner) 
     probe = KroneckerProjector(model, layers="mlp,attn", rank_total=ranks[0], rank_min=1, seed=0)
     names, layers = [b.weight_name for b in probe.blocks], probe.capture_layers()
 
-    def projector(rank: int, seed: int, square: bool = False, orth: bool = False) -> KroneckerProjector:
+    def projector(
+        rank: int, seed: int, square: bool = False, method: str = "gaussian", split: str = "cost"
+    ) -> KroneckerProjector:
         # The package default rank_min (8), lowered where rank_total < 64 so that D is the one asked for;
-        # square: k_i = k_o = sqrt(rank_total) (bergson's p x p) where the k_i x k_o rule picks another split.
+        # square: k_i = k_o = sqrt(rank_total) (bergson's p x p) forced through rank_min.
         rank_min = math.isqrt(rank) if square else min(8, math.isqrt(rank))
         return KroneckerProjector(
-            model, layers="mlp,attn", rank_total=rank, rank_min=rank_min, seed=seed, row_orthonormal=orth
+            model,
+            layers="mlp,attn",
+            rank_total=rank,
+            rank_min=rank_min,
+            seed=seed,
+            method=method,
+            split=split,
         )
 
-    def kron(seed, rank, square=False, orth=False):
-        proj = projector(rank, seed, square, orth)
+    def kron(seed, rank, square=False, method="gaussian", split="cost"):
+        proj = projector(rank, seed, square, method, split)
         return kron_rows(proj, train_ids), kron_rows(proj, query_ids)
 
-    def adam_factored(seed, rank, mode):
-        proj = projector(rank, seed)
+    def adam_factored(seed, rank, mode, method="gaussian", split="cost"):
+        proj = projector(rank, seed, method=method, split=split)
         return kron_rows(precond.fold_into(proj, mode), train_ids), kron_rows(proj, query_ids)
 
     def adam_exact(seed, rank):
@@ -292,13 +328,23 @@ def hf_methods(model, train_ids, query_ids, ranks, precond: AdamPreconditioner) 
         rows = [proj.naive_project(precond.apply(g)) for g in exact_grads(model, train_ids, names, layers)]
         return torch.cat(rows).double(), kron_rows(proj, query_ids)
 
+    def layout(rank: int, **kw) -> list[tuple[int, int]]:
+        return [(b.k_i, b.k_o) for b in projector(rank, 0, **kw).blocks]
+
     for rank in ranks:
-        d, splits = projector(rank, 0).dim, [(b.k_i, b.k_o) for b in projector(rank, 0).blocks]
+        d, splits = projector(rank, 0).dim, layout(rank)
         methods[("kron", d)] = functools.partial(kron, rank=rank)
-        methods[("kron_orth", d)] = functools.partial(kron, rank=rank, orth=True)
-        if [(b.k_i, b.k_o) for b in projector(rank, 0, square=True).blocks] != splits:
+        methods[("kron_orth", d)] = functools.partial(kron, rank=rank, method="row_orthonormal")
+        methods[("kron_rad", d)] = functools.partial(kron, rank=rank, method="rademacher")
+        if layout(rank, split="balanced") != splits:
             methods[("kron_square", d)] = functools.partial(kron, rank=rank, square=True)
+            methods[("kron_rad_bal", d)] = functools.partial(
+                kron, rank=rank, method="rademacher", split="balanced"
+            )
         methods[("adam_rank1", d)] = functools.partial(adam_factored, rank=rank, mode="rank1")
+        methods[("adam_rank1_rad_bal", d)] = functools.partial(
+            adam_factored, rank=rank, mode="rank1", method="rademacher", split="balanced"
+        )
         methods[("adam_adafactor", d)] = functools.partial(adam_factored, rank=rank, mode="adafactor")
         methods[("adam_exact", d)] = functools.partial(adam_exact, rank=rank)
     full_dim = sum(p.numel() for n, p in model.named_parameters() if n in names)
@@ -488,7 +534,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--peers", default="bergson,dattri,traker", help="comma list; missing packages are skipped"
     )
-    p.add_argument("--proj_seeds", type=int, default=3, help="projection seeds averaged per method")
+    p.add_argument("--proj_seeds", type=int, default=8, help="projection seeds averaged per method")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot_only", action="store_true", help="redraw the PNG from an existing --out CSV")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".csv")))
@@ -579,6 +625,7 @@ def main() -> None:
     )  # fmt: skip
     common = {"benchmark": "attribution_lds", **meta, "config": config}
     rows, table = [], []
+    per_seed_lds: dict[tuple[str, str, int], torch.Tensor] = {}  # (S, Q) per method, score and D
     for (method, dim), fn in methods.items():
         seeds = [0] if method in UNSEEDED else list(range(args.proj_seeds))
         for kind in ("trak",) if method in TRAK_METHODS else KINDS:
@@ -603,6 +650,7 @@ def main() -> None:
             if len(per_seed) != len(seeds):
                 break
             stack = torch.stack(per_seed)  # (S, Q)
+            per_seed_lds[(method, kind, dim)] = stack
             per_query = stack.mean(dim=0)  # the seed-averaged LDS of each query
             lo, hi = bootstrap(per_query)
             variant = f"{method}/{kind}/D={dim}"
@@ -624,6 +672,14 @@ def main() -> None:
                 _common.row(common, variant, "peak_rss_delta", f"{peak:.1f}", f"MiB ({how})"),
             ]
             table.append((method, kind, dim, mean, lo, hi, smin, smax, cpu, peak))
+    paired = versus_best_peer(per_seed_lds)
+    for (method, kind, dim), (peer, diff, lo, hi) in paired.items():
+        variant = f"{method}/{kind}/D={dim}"
+        rows += [
+            _common.row(common, variant, f"lds_minus_{peer}", f"{diff:.4f}", "spearman"),
+            _common.row(common, variant, f"lds_minus_{peer}_ci95_low", f"{lo:.4f}", "spearman"),
+            _common.row(common, variant, f"lds_minus_{peer}_ci95_high", f"{hi:.4f}", "spearman"),
+        ]
     for mode in ("rank1", "adafactor"):
         for name, err in precond.factor_error(mode).items():
             variant = f"adam_{mode}/scale_error/{name}"
@@ -642,8 +698,34 @@ def main() -> None:
             f"{method:<15}{kind:<8}{dim:>7}{mean:>8.3f}  [{lo:6.3f}, {hi:6.3f}] {smin:6.3f}..{smax:6.3f}"
             f"{cpu:>7.2f}{peak:>7.0f}"
         )
+    if paired:
+        print("paired difference to the best peer at the same D and score (same queries; 95% CI):")
+    for (method, kind, dim), (peer, diff, lo, hi) in paired.items():
+        print(f"  {method:<20}{kind:<8}{dim:>6}  - {peer:<13}{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     print(f"skipped: {skipped}" if skipped else "", f"wrote {out}")
     plot(out)
+
+
+def versus_best_peer(
+    per_seed_lds: dict[tuple[str, str, int], torch.Tensor],
+) -> dict[tuple[str, str, int], tuple[str, float, float, float]]:
+    """``{(hf method, score, D): (best peer, difference, ci low, ci high)}`` for every projected hf method.
+
+    The best peer at a D and score is the peer representation (``PEERS_SCORED``, scored by our code) with the
+    highest mean LDS there; the difference is :func:`paired_difference` on the same queries.
+    """
+    out = {}
+    for (method, kind, dim), stack in per_seed_lds.items():
+        if method in PEERS_SCORED or method in TRAK_METHODS or method in UNSEEDED:
+            continue
+        peers = {
+            m: v for (m, k, d), v in per_seed_lds.items() if m in PEERS_SCORED and k == kind and d == dim
+        }
+        if not peers:
+            continue
+        best = max(peers, key=lambda m: float(peers[m].mean()))
+        out[(method, kind, dim)] = (best, *paired_difference(stack, peers[best]))
+    return out
 
 
 def table_from_csv(path: Path) -> tuple[list[tuple], str]:
