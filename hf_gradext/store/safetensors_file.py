@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import torch
 
-from hf_gradext.store.integrity import PLACEHOLDER, BlockFletcher64, damaged, tensor_bytes
+from hf_gradext.store.integrity import PLACEHOLDER, BufferFletcher64, damaged, tensor_bytes
 
 # safetensors dtype tag -> bytes per element
 DTYPE_SIZES = {
@@ -165,13 +165,12 @@ def write_safetensors(
     sums, hashing = {}, 0.0
     for key in keys:
         data = tensor_bytes(tensors[key])  # (n_bytes,) uint8, zero-copy
-        hasher = BlockFletcher64() if checksums else None
+        hasher = BufferFletcher64(data) if checksums else None
         for begin in range(0, data.size, SLICE_BYTES):
-            piece = data[begin : begin + SLICE_BYTES]
-            handle.write(piece)
+            handle.write(data[begin : begin + SLICE_BYTES])
             if hasher is not None:
                 start = time.thread_time()
-                hasher.update(piece)
+                hasher.hash_range(begin, begin + SLICE_BYTES)
                 hashing += time.thread_time() - start
         if hasher is not None:
             sums[key] = hasher.hexdigest()

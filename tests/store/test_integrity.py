@@ -12,6 +12,7 @@ import torch
 from hf_gradext.store.integrity import (
     PLACEHOLDER,
     BlockFletcher64,
+    BufferFletcher64,
     bytes_checksum,
     checksum_matches,
     file_checksum,
@@ -57,6 +58,35 @@ def test_streaming_equals_one_shot_for_any_split(length):
     array = np.frombuffer(data[: length // 4 * 4], dtype=np.float32)
     assert bytes_checksum([array]) == oracle(array.tobytes())
     assert bytes_checksum([memoryview(data)]) == oracle(data)
+
+
+@pytest.mark.parametrize("length", [*LENGTHS, 70 * BLOCK + 3])  # 70 blocks: past the reused 64-entry index
+@pytest.mark.parametrize("slice_blocks", [1, 3, 8])
+def test_buffer_form_equals_the_oracle_for_block_aligned_ranges(length, slice_blocks):
+    data = random.Random(length).randbytes(length)
+    hasher = BufferFletcher64(data)
+    step = slice_blocks * BLOCK
+    for begin in range(0, max(length, 1), step):
+        hasher.hash_range(begin, begin + step)  # the last range may run past the end
+    assert hasher.hexdigest() == oracle(data)
+
+
+def test_buffer_form_refuses_misaligned_ranges_and_partial_coverage():
+    data = bytes(3 * BLOCK)
+    with pytest.raises(ValueError, match="aligned"):
+        BufferFletcher64(data).hash_range(8, BLOCK)
+    with pytest.raises(ValueError, match="aligned"):
+        BufferFletcher64(data).hash_range(0, BLOCK + 8)
+    hasher = BufferFletcher64(data)
+    hasher.hash_range(0, BLOCK)
+    with pytest.raises(RuntimeError, match="1 of 3 blocks"):
+        hasher.hexdigest()
+
+
+def test_shard_writer_slices_are_whole_blocks():
+    from hf_gradext.store.safetensors_file import SLICE_BYTES
+
+    assert SLICE_BYTES % BLOCK == 0  # what BufferFletcher64.hash_range needs
 
 
 def test_every_single_bit_flip_is_detected():
