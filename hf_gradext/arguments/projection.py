@@ -15,6 +15,9 @@ from hf_gradext.errors import UserFacingError
 PROJ_DTYPES = ("bfloat16", "float16", "float32")
 PROJ_METHODS = ("gaussian", "rademacher", "row_orthonormal")  # hf_gradext.projection.matrices.METHODS
 PROJ_SPLITS = ("cost", "balanced")  # hf_gradext.projection.ranks.SPLIT_RULES
+DEFAULT_PROJ_METHOD = (
+    "rademacher"  # --proj_method unset (None: so that --proj_row_orthonormal can be told apart)
+)
 PRECONDITION_MODES = ("rank1", "adafactor")  # the factored modes; full-grads always scales exactly
 
 
@@ -52,20 +55,22 @@ class ProjectionArguments:
         default="bfloat16",
         metadata={"help": "dtype the projected rows are stored in.", "choices": list(PROJ_DTYPES)},
     )
-    proj_method: str = field(
-        default="gaussian",
+    proj_method: str | None = field(
+        default=None,
         metadata={
-            "help": "Distribution of the Kronecker factors: gaussian (N(0, 1/k) entries), rademacher (+-1/sqrt(k) "
-            "entries: lower variance of projected dot products) or row_orthonormal (orthonormal rows rescaled "
-            "by sqrt(d/k)). All give unbiased dot products in expectation; docs/projection.md compares them.",
+            "help": "Distribution of the Kronecker factors: rademacher (+-1/sqrt(k) entries; the default: the lowest "
+            "variance of projected dot products), gaussian (N(0, 1/k) entries; the default before 0.2) or "
+            "row_orthonormal (orthonormal rows rescaled by sqrt(d/k)). All give unbiased dot products in "
+            "expectation; docs/projection.md compares them (LDS).",
             "choices": list(PROJ_METHODS),
         },
     )
     proj_split: str = field(
-        default="cost",
+        default="balanced",
         metadata={
-            "help": "How --proj_rank_total is split into k_i x k_o per layer: cost (the fewest multiply-adds) or "
-            "balanced (the square-most split: a sketch of rank min(k_i, k_o) keeps more of each gradient).",
+            "help": "How --proj_rank_total is split into k_i x k_o per layer: balanced (the square-most split: a "
+            "sketch of rank min(k_i, k_o) keeps more of each gradient) or cost (the fewest multiply-adds; the "
+            "default before 0.2).",
             "choices": list(PROJ_SPLITS),
         },
     )
@@ -132,7 +137,7 @@ class ProjectionArguments:
                 "--proj_precondition cannot be combined with --project_gradients (the optimizer state changes "
                 "during training); train first, then run `hf-gradext project --proj_precondition <checkpoint>`"
             )
-        if self.proj_method not in PROJ_METHODS:
+        if self.proj_method is not None and self.proj_method not in PROJ_METHODS:
             raise UserFacingError(
                 f"--proj_method={self.proj_method!r} is not supported; choose one of {', '.join(PROJ_METHODS)}"
             )
@@ -141,11 +146,13 @@ class ProjectionArguments:
                 f"--proj_split={self.proj_split!r} is not supported; choose one of {', '.join(PROJ_SPLITS)}"
             )
         if self.proj_row_orthonormal:
-            if self.proj_method not in ("gaussian", "row_orthonormal"):
+            if self.proj_method not in (None, "row_orthonormal"):
                 raise UserFacingError(
                     f"--proj_row_orthonormal contradicts --proj_method {self.proj_method}; pass only one of them"
                 )
             self.proj_method = "row_orthonormal"
+        elif self.proj_method is None:
+            self.proj_method = DEFAULT_PROJ_METHOD
         if self.proj_dtype not in PROJ_DTYPES:
             raise UserFacingError(
                 f"--proj_dtype={self.proj_dtype!r} is not supported; choose one of {', '.join(PROJ_DTYPES)}"

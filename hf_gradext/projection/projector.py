@@ -128,11 +128,11 @@ class KroneckerProjector:
             Linear/Conv1D/Embedding math are projected (embedding tables only when selected: ``"all"``,
             ``"embed"``, a regex, or ``include_embeddings``).
         rank_total: target ``k_i * k_o`` per layer. rank_min: lower bound of each factor.
-        seed: projection seed. method: the factors' distribution, ``"gaussian"`` (default),
-            ``"rademacher"`` (+-1 entries) or ``"row_orthonormal"`` (see
+        seed: projection seed. method: the factors' distribution, ``"rademacher"`` (+-1 entries, default),
+            ``"gaussian"`` (the default before 0.2) or ``"row_orthonormal"`` (see
             :mod:`hf_gradext.projection.matrices`). row_orthonormal: ``True`` is ``method="row_orthonormal"``.
-        split: how ``rank_total`` is split into ``k_i x k_o``: ``"cost"`` (cheapest) or ``"balanced"``
-            (square-most), see :mod:`hf_gradext.projection.ranks`.
+        split: how ``rank_total`` is split into ``k_i x k_o``: ``"balanced"`` (square-most, default) or
+            ``"cost"`` (cheapest; the default before 0.2), see :mod:`hf_gradext.projection.ranks`.
         include_embeddings: also project the trainable ``nn.Embedding`` tables (with every other module
             sharing their weight, e.g. a tied ``lm_head``).
         dtype: storage dtype recorded in the metadata (rows returned by :meth:`project` are float32).
@@ -150,13 +150,13 @@ class KroneckerProjector:
         dtype: str = "bfloat16",
         *,
         method: str | None = None,
-        split: str = "cost",
+        split: str = "balanced",
         _blocks: list[LayerBlock] | None = None,
     ) -> None:
         self.model = model
         self.layers, self.rank_total, self.rank_min = layers, rank_total, rank_min
         if method is None:
-            method = "row_orthonormal" if row_orthonormal else "gaussian"
+            method = "row_orthonormal" if row_orthonormal else "rademacher"
         elif row_orthonormal and method != "row_orthonormal":
             raise ValueError(f"row_orthonormal=True contradicts method={method!r}; pass one of them")
         if method not in METHODS:
@@ -307,7 +307,9 @@ class KroneckerProjector:
         }
         if self.method == "rademacher":
             meta["seed_rule"] += "; rademacher: signs 2 * randint(0, 2) - 1 (int64) in place of randn"
-        if self.split != "cost":  # absent for the default: older directories keep their settings
+        if (
+            self.split != "cost"
+        ):  # absent for cost: directories from before the key (all cost) keep their settings
             meta["proj_split"] = self.split
         if self.preconditioning is not None:  # absent when off: older directories keep their settings
             meta["preconditioning"] = dict(self.preconditioning)

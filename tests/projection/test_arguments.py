@@ -19,7 +19,7 @@ def test_defaults_match_issue():
         a.proj_dtype,
     ) == (False, "mlp,attn", 256, 8, 42, "bfloat16")
     assert not a.proj_row_orthonormal and not a.include_embeddings and a.proj_save_interval >= 1
-    assert a.proj_method == "gaussian"
+    assert a.proj_method == "rademacher" and a.proj_split == "balanced"
 
 
 @pytest.mark.parametrize(
@@ -29,6 +29,7 @@ def test_defaults_match_issue():
         ({"proj_method": "sparse"}, "--proj_method"),
         ({"proj_split": "square"}, "--proj_split"),
         ({"proj_method": "rademacher", "proj_row_orthonormal": True}, "--proj_row_orthonormal"),
+        ({"proj_method": "gaussian", "proj_row_orthonormal": True}, "--proj_row_orthonormal"),
         ({"proj_rank_min": 0}, "--proj_rank_min"),
         ({"proj_rank_total": 10}, "--proj_rank_total"),
         ({"proj_save_interval": 0}, "--proj_save_interval"),
@@ -90,4 +91,4 @@ def test_proj_method_parses_and_names_match_the_matrices_module():
         ]
     )
     assert a.proj_method == "rademacher" and not a.proj_row_orthonormal and a.proj_split == "balanced"
-    assert _args().proj_split == "cost"
+    assert _args(proj_method="gaussian", proj_split="cost").proj_method == "gaussian"  # the 0.1 defaults

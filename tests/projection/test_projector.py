@@ -88,11 +88,12 @@ def test_from_metadata_keeps_the_method(tmp_path, tiny_gpt2, method):
 
 def test_balanced_split_is_recorded_and_rebuilt(tiny_gpt2):
     # c_attn is 32 -> 96 in the tiny model: cost picks 8 x 2, balanced 4 x 4
-    cost = KroneckerProjector(tiny_gpt2, layers="attn", rank_total=16, rank_min=2)
-    bal = KroneckerProjector(tiny_gpt2, layers="attn", rank_total=16, rank_min=2, split="balanced")
+    cost = KroneckerProjector(tiny_gpt2, layers="attn", rank_total=16, rank_min=2, split="cost")
+    bal = KroneckerProjector(tiny_gpt2, layers="attn", rank_total=16, rank_min=2)  # the default
     assert [(b.k_i, b.k_o) for b in cost.blocks][0] != (4, 4)
     assert [(b.k_i, b.k_o) for b in bal.blocks] == [(4, 4), (4, 4)] * 2
-    assert "proj_split" not in cost.metadata()  # default: older directories' settings unchanged
+    assert "proj_split" not in cost.metadata()  # directories from before the key (all cost) still match
+    assert KroneckerProjector(tiny_gpt2, rank_total=16, rank_min=2).method == "rademacher"
     again = KroneckerProjector.from_metadata(bal.metadata(), tiny_gpt2)
     assert again.split == "balanced" and again.metadata() == bal.metadata()
     batch = make_batch()
@@ -199,7 +200,7 @@ def test_projector_from_args_maps_every_flag():
     )
     explicit = KroneckerProjector(
         model, layers="attn", rank_total=16, rank_min=2, seed=7, row_orthonormal=True,
-        include_embeddings=True, dtype="float32",
+        include_embeddings=True, dtype="float32", split="cost",
     )  # fmt: skip
     assert projector_from_args(model, args, layers="attn").metadata() == explicit.metadata()
     assert projector_from_args(model, args).metadata()["layers"] != explicit.metadata()["layers"]
