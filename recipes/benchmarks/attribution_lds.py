@@ -15,9 +15,10 @@ evaluated on the same queries, so the difference is much sharper than the two in
 interval resamples the queries (shared) and each method's seeds (independent), 10,000 times.
 
 Methods (representation x score). hf_gradext: ``kron`` (KroneckerProjector on the 8 block weights of a
-2-layer GPT-2, rank_total per layer 16 / 64 / 256 -> D = 128 / 512 / 2048; rank_min = the default 8,
-lowered to 4 for rank_total 16; the k_i x k_o rule then gives 4x4, 8x8 and, at 256, 32x8 / 16x16 / 32x8 /
-8x32), ``kron_square`` (16x16 everywhere, where that differs: the split bergson uses), ``kron_orth``
+2-layer GPT-2 with the 0.1 defaults, Gaussian factors and ``split="cost"``; rank_total per layer 16 / 64 /
+256 -> D = 128 / 512 / 2048; rank_min = the default 8, lowered to 4 for rank_total 16; the cost rule then
+gives 4x4, 8x8 and, at 256, 32x8 / 16x16 / 32x8 / 8x32). The 0.2 defaults (rademacher, balanced) are
+``kron_rad`` at D = 128 and 512 (4x4 and 8x8 either way) and ``kron_rad_bal`` at D = 2048. ``kron_square`` (16x16 everywhere, where that differs: the split bergson uses), ``kron_orth``
 (``method="row_orthonormal"`` factors), ``kron_rad`` (``method="rademacher"``: +-1 entries, what bergson
 draws), ``kron_rad_bal`` (rademacher with ``split="balanced"``, the square-most split, where it differs),
 ``adam_rank1_rad_bal`` (the rank-1 folded Adam scale on rademacher / balanced factors), ``exact``
