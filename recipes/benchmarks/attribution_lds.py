@@ -52,9 +52,10 @@ skipped; docs/projection.md gives the versions used and how to install them next
     python recipes/benchmarks/attribution_lds.py
 Smoke (under a minute, what the test runs):
     python recipes/benchmarks/attribution_lds.py --smoke --out /tmp/lds.csv
-Redraw the PNG from a CSV:  python recipes/benchmarks/attribution_lds.py --plot_only [--out CSV]
-Writes attribution_lds.csv (long format: one row per method x metric) and attribution_lds.png next to
-this script (``--out`` moves both: the PNG takes the CSV's name).
+Redraw the PNGs from a CSV:  python recipes/benchmarks/attribution_lds.py --plot_only [--out CSV]
+Writes attribution_lds.csv (long format: one row per method x metric), attribution_lds.png (LDS against D)
+and attribution_lds_paired.png (each hf_gradext method minus the best peer) next to this script (``--out``
+moves them: the PNGs take the CSV's name).
 """
 
 from __future__ import annotations
@@ -662,6 +663,52 @@ def plot(csv_path: Path) -> Path | None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(csv_path).with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    plot_paired(csv_path, plt)
+    return path
+
+
+def plot_paired(csv_path: Path, plt: Any) -> Path | None:
+    """``<csv>_paired.png``: each hf_gradext method minus the best peer (paired, 95% CI) against D, per score."""
+    import csv
+
+    diffs: dict[tuple[str, str], list[tuple[int, float, float, float, str]]] = {}
+    with Path(csv_path).open() as handle:
+        values = {(r["variant"], r["metric"]): float(r["value"]) for r in csv.DictReader(handle)}
+    for (variant, metric), value in values.items():
+        if not metric.startswith("lds_minus_") or metric.endswith(("_ci95_low", "_ci95_high")):
+            continue
+        method, kind, dim = variant.split("/")
+        lo, hi = values[(variant, metric + "_ci95_low")], values[(variant, metric + "_ci95_high")]
+        diffs.setdefault((kind, method), []).append(
+            (int(dim[2:]), value, lo, hi, metric[len("lds_minus_") :])
+        )
+    kinds = [k for k in KINDS if any(key[0] == k for key in diffs)]
+    if not kinds:
+        return None
+    methods = sorted({m for _, m in diffs})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4.2), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for j, method in enumerate(methods):
+            pts = sorted(diffs.get((kind, method), []))
+            if not pts:
+                continue
+            offset = 1 + 0.03 * (j - len(methods) / 2)  # spread the points of one D apart
+            d = [p[0] * offset for p in pts]
+            mean = [p[1] for p in pts]
+            yerr = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            ax.errorbar(
+                d, mean, yerr=yerr, fmt="o-", color=f"C{j % 10}", capsize=2, ms=3, lw=0.8, label=method
+            )
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{kind}: minus the best peer at that D (paired)", fontsize=9)
+        ax.set_xlabel("projection dimension D")
+        ax.legend(fontsize=6, loc="lower right")
+    axes[0][0].set_ylabel("LDS difference (mean, 95% CI over queries and seeds)")
+    fig.tight_layout()
+    path = Path(csv_path).with_name(Path(csv_path).stem + "_paired.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
