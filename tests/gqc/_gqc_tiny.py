@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.helpers import make_tiny_gpt2
@@ -25,6 +26,33 @@ def token_dataset(n: int = 48, seed: int = 1, ragged: bool = False) -> list[dict
             labels[: (i * 5) % (SEQ - 2)] = -100
         rows.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(SEQ, dtype=torch.long)})
     return rows
+
+
+def pattern_dataset(n: int = 48, k: int = 3) -> list[dict[str, torch.Tensor]]:
+    """``n`` samples cycling through ``k`` fixed sequences: per-sample noise between identical and random data,
+    so gns_sample closes windows of several sizes."""
+    g = torch.Generator().manual_seed(3)
+    pats = [torch.randint(0, VOCAB, (SEQ,), generator=g) for _ in range(k)]
+    mask = torch.ones(SEQ, dtype=torch.long)
+    return [
+        {"input_ids": pats[i % k], "labels": pats[i % k].clone(), "attention_mask": mask} for i in range(n)
+    ]
+
+
+def assert_same_decisions_after(full, resumed, step: int, rel: float) -> None:
+    """A run resumed at ``step`` logs the windows (size, B_simple) of the uninterrupted ``full`` run after it."""
+
+    def after(trainer):
+        return [
+            (e["step"], e["gqc/microbatches"], e["gqc/b_simple"])
+            for e in trainer.state.log_history
+            if "gqc/microbatches" in e and e["step"] > step
+        ]
+
+    a, b = after(full), after(resumed)
+    assert len(a) > 3 and len({x[1] for x in a}) > 1  # windows of several sizes: decisions matter
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=rel)
 
 
 def train_kwargs(output_dir, **overrides) -> dict:

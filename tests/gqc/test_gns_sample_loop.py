@@ -10,7 +10,15 @@ import copy
 
 import pytest
 import torch
-from _gqc_tiny import SEQ, VOCAB, gqc_args, tiny_model, token_dataset
+from _gqc_tiny import (
+    SEQ,
+    VOCAB,
+    assert_same_decisions_after,
+    gqc_args,
+    pattern_dataset,
+    tiny_model,
+    token_dataset,
+)
 
 from hf_gradext.gqc import noise
 from hf_gradext.gqc.controllers import GNSSample
@@ -138,36 +146,16 @@ def test_steps_on_the_first_draw_when_per_sample_noise_is_low_and_grows_windows_
     assert sum(_windows(high)) == 12 and max(_windows(high)) == 4 and len(_windows(high)) < 12
 
 
-def _patterns(n: int = 48, k: int = 3):
-    """``n`` samples cycling through ``k`` fixed sequences: per-sample noise between the two cases above."""
-    g = torch.Generator().manual_seed(3)
-    pats = [torch.randint(0, VOCAB, (SEQ,), generator=g) for _ in range(k)]
-    mask = torch.ones(SEQ, dtype=torch.long)
-    return [
-        {"input_ids": pats[i % k], "labels": pats[i % k].clone(), "attention_mask": mask} for i in range(n)
-    ]
-
-
 def test_gns_sample_resumes_with_identical_decisions(tmp_path):
     kw = dict(
         gqc_threshold_start=0.3, gqc_gns_ema=0.5, save_strategy="steps", save_steps=2, num_train_epochs=2
     )
-    full = _train(tmp_path / "full", _patterns(), **kw)
+    full = _train(tmp_path / "full", pattern_dataset(), **kw)
     args = gqc_args(tmp_path / "resumed", gqc="gns_sample", gqc_max_microbatches=4, max_grad_norm=0.0, **kw)
-    resumed = GradExtTrainer(tiny_model(), args=args, train_dataset=_patterns())
+    resumed = GradExtTrainer(tiny_model(), args=args, train_dataset=pattern_dataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
 
-    def after_2(t):
-        return [
-            (e["step"], e["gqc/microbatches"], e["gqc/b_simple"])
-            for e in t.state.log_history
-            if "gqc/microbatches" in e and e["step"] > 2
-        ]
-
-    a, b = after_2(full), after_2(resumed)
-    assert len(a) > 3 and len({x[1] for x in a}) > 1  # windows of several sizes: decisions matter
-    assert [x[:2] for x in a] == [x[:2] for x in b]
-    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-4)
+    assert_same_decisions_after(full, resumed, 2, rel=1e-4)
 
 
 def test_gns_sample_needs_labels_for_its_capture(tmp_path):

@@ -14,7 +14,13 @@ import math
 
 import pytest
 import torch
-from _gqc_tiny import SEQ, VOCAB, gqc_args, tiny_model, token_dataset
+from _gqc_tiny import (
+    assert_same_decisions_after,
+    gqc_args,
+    pattern_dataset,
+    tiny_model,
+    token_dataset,
+)
 
 from hf_gradext.arguments import GradExtArguments
 from hf_gradext.errors import UserFacingError
@@ -66,15 +72,6 @@ def _train(tmp_path, data, **overrides):
     trainer = GradExtTrainer(tiny_model(), args=gqc_args(tmp_path, **{**kw, **overrides}), train_dataset=data)
     trainer.train()
     return trainer
-
-
-def _patterns(n: int = 48, k: int = 3):
-    g = torch.Generator().manual_seed(3)
-    pats = [torch.randint(0, VOCAB, (SEQ,), generator=g) for _ in range(k)]
-    mask = torch.ones(SEQ, dtype=torch.long)
-    return [
-        {"input_ids": pats[i % k], "labels": pats[i % k].clone(), "attention_mask": mask} for i in range(n)
-    ]
 
 
 class _Spy:
@@ -150,7 +147,7 @@ def test_only_every_nth_microbatch_is_captured_across_epochs(tmp_path, monkeypat
 
 
 def test_every_1_decides_as_a_run_that_captures_every_microbatch(tmp_path, monkeypatch):
-    data = _patterns()  # between identical and random sequences: windows of several sizes
+    data = pattern_dataset()  # between identical and random sequences: windows of several sizes
     kw = dict(gqc_threshold_start=0.3, gqc_gns_ema=0.5, num_train_epochs=2)
     spy = _Spy(monkeypatch)
     every1 = _train(tmp_path / "every1", data, gqc_sample_norm_every=1, **kw)
@@ -280,7 +277,9 @@ def test_resume_with_every_n_gives_the_decisions_of_an_uninterrupted_run(tmp_pat
         gqc="gns_sample", gqc_max_microbatches=4, max_grad_norm=0.0, gqc_threshold_start=0.3,
         gqc_gns_ema=0.5, gqc_sample_norm_every=3, save_strategy="steps", save_steps=2, num_train_epochs=2,
     )  # fmt: skip
-    full = GradExtTrainer(tiny_model(), args=gqc_args(tmp_path / "full", **kw), train_dataset=_patterns())
+    full = GradExtTrainer(
+        tiny_model(), args=gqc_args(tmp_path / "full", **kw), train_dataset=pattern_dataset()
+    )
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
     state = json.loads((ckpt / "gqc_state.json").read_text())
@@ -290,22 +289,12 @@ def test_resume_with_every_n_gives_the_decisions_of_an_uninterrupted_run(tmp_pat
     assert done % 3 != 0 and math.isfinite(state["core"]["controller_state"]["last_mean_sq"])
     spy = _Spy(monkeypatch)
     resumed = GradExtTrainer(
-        tiny_model(), args=gqc_args(tmp_path / "resumed", **kw), train_dataset=_patterns()
+        tiny_model(), args=gqc_args(tmp_path / "resumed", **kw), train_dataset=pattern_dataset()
     )
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert spy.armed_at and all(i % 3 == 0 for i in spy.armed_at) and spy.armed_at[0] > done
 
-    def after_2(t):
-        return [
-            (e["step"], e["gqc/microbatches"], e["gqc/b_simple"])
-            for e in t.state.log_history
-            if "gqc/microbatches" in e and e["step"] > 2
-        ]
-
-    a, b = after_2(full), after_2(resumed)
-    assert len(a) > 3 and len({x[1] for x in a}) > 1  # windows of several sizes: decisions matter
-    assert [x[:2] for x in a] == [x[:2] for x in b]
-    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-6)
+    assert_same_decisions_after(full, resumed, 2, rel=1e-6)
 
 
 @pytest.mark.slow
