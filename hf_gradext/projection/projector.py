@@ -27,7 +27,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,32 +46,19 @@ from hf_gradext.grad.selection import (
     unwrap_model,
 )
 from hf_gradext.integrations.loss import shifts_labels
+from hf_gradext.projection.blocks import (
+    FORMAT,
+    FORMAT_V1,
+    LayerBlock,
+    build_blocks,
+    check_blocks,
+    weight_of,
+)
 from hf_gradext.projection.kronecker import naive_project, project_contribution
-from hf_gradext.projection.matrices import METHODS, layer_seed, make_factors
-from hf_gradext.projection.ranks import SPLIT_RULES, split_rank
+from hf_gradext.projection.matrices import METHODS, make_factors
+from hf_gradext.projection.ranks import SPLIT_RULES
 
 logger = logging.getLogger(__name__)
-FORMAT = "hf_gradext.projection/2"
-FORMAT_V1 = "hf_gradext.projection/1"  # read when unaffected by the fixes of version 2 (module doc)
-
-
-@dataclass
-class LayerBlock:
-    """One projected weight and its slice of the output row (what ``metadata.json`` stores per layer)."""
-
-    name: str  # the first module (named_modules order) owning the weight, in the unwrapped model
-    type: str  # "linear" | "conv1d" | "embedding"
-    weight_name: str  # named_parameters() name of the projected weight
-    original_shape: list[int]
-    layout: str  # "out_in" (nn.Linear) or "in_out" (Conv1D, Embedding)
-    d_in: int
-    d_out: int
-    k_i: int
-    k_o: int
-    slice_start: int
-    slice_end: int
-    seed: int  # the layer seed derived from (proj_seed, name)
-    tied_modules: list[str] = field(default_factory=list)  # e.g. ["lm_head"] sharing this weight
 
 
 def _package_version() -> str:
@@ -81,41 +68,6 @@ def _package_version() -> str:
         return version("hf_gradext")
     except Exception:  # pragma: no cover - not installed
         return "unknown"
-
-
-def _kind(module: nn.Module) -> str | None:
-    """Block type of a module's ``weight`` from its registered family (``None``: no Kronecker form)."""
-    spec = lookup(module)
-    if spec is None:
-        return None
-    if spec.family == "embedding":
-        return "embedding"
-    if spec.family == "linear":
-        # HF's Conv1D stores [in, out]; every other linear-family layer (nn.Linear, LoRA adapters, layers
-        # registered by users) is taken as torch's [out, in]. Either way the rows are the projection of
-        # the registry's gradient; the layout only names which factor is P_i.
-        return "conv1d" if any(c.__name__ == "Conv1D" for c in type(module).__mro__) else "linear"
-    return None
-
-
-def _weight(module: nn.Module) -> nn.Parameter | None:
-    """The module's own 2-D ``weight`` parameter, if it has one."""
-    w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-    return w if isinstance(w, nn.Parameter) and w.dim() == 2 else None
-
-
-def weight_owners(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(weight): [module names]}``: every module owning each 2-D weight, in ``named_modules`` order.
-
-    Includes modules without a Kronecker form (their names tell why a shared weight cannot be projected).
-    A tied parameter lists all its modules (GPT-2: ``["transformer.wte", "lm_head"]``).
-    """
-    owners: dict[int, list[str]] = {}
-    for name, module in unwrap_model(model).named_modules():
-        w = _weight(module)
-        if w is not None:
-            owners.setdefault(id(w), []).append(clean_name(name))
-    return owners
 
 
 class KroneckerProjector:
@@ -166,7 +118,19 @@ class KroneckerProjector:
         self.seed, self.method, self.split = seed, method, split
         self.row_orthonormal = method == "row_orthonormal"
         self.include_embeddings, self.dtype = include_embeddings, dtype
-        self.blocks = _blocks if _blocks is not None else self._build_blocks()
+        self.blocks = (
+            _blocks
+            if _blocks is not None
+            else build_blocks(
+                model,
+                self._selected(),
+                layers=layers,
+                rank_total=rank_total,
+                rank_min=rank_min,
+                split=split,
+                seed=seed,
+            )  # fmt: skip
+        )
         modules = {clean_name(n): m for n, m in unwrap_model(model).named_modules()}
         # Every module using a projected weight is hooked and routed to that weight's block.
         self._route: dict[str, LayerBlock] = {}
@@ -177,7 +141,7 @@ class KroneckerProjector:
                 if spec is None:
                     raise UserFacingError(f"{name} ({type(modules[name]).__name__}) has no registered math")
                 self._route[name], self._specs[name] = block, spec
-        self._projected = {id(_weight(modules[b.name])) for b in self.blocks}
+        self._projected = {id(weight_of(modules[b.name])) for b in self.blocks}
         self._factors = {
             b.name: make_factors(b.name, b.d_in, b.d_out, b.k_i, b.k_o, seed, self.method)
             for b in self.blocks
@@ -205,64 +169,6 @@ class KroneckerProjector:
                 logger.info("include_embeddings: the model has no trainable embedding table")
             selected.update(tables)
         return selected
-
-    def _build_blocks(self) -> list[LayerBlock]:
-        root = unwrap_model(self.model)
-        modules = {clean_name(n): m for n, m in root.named_modules()}
-        order = {n: i for i, n in enumerate(modules)}
-        selected = self._selected()
-        owners = weight_owners(root)
-        names = {id(p): clean_name(n) for n, p in root.named_parameters()}
-        blocks: dict[int, LayerBlock] = {}
-        skipped = []
-        for name in sorted(selected, key=order.__getitem__):
-            weight = _weight(selected[name])
-            if _kind(selected[name]) is None or weight is None or not weight.requires_grad:
-                skipped.append(name)
-                continue
-            if id(weight) in blocks:
-                continue  # a tied weight: its block is already there, with every module using it
-            users = owners[id(weight)]
-            untouched = [u for u in users if _kind(modules[u]) is None]
-            if untouched:
-                skipped.append(
-                    f"{name} (its weight is also used by {', '.join(untouched)}, which has no math)"
-                )
-                continue
-            tables = [u for u in users if _kind(modules[u]) == "embedding" and u not in selected]
-            if tables:
-                # An embedding table is projected only on request (it is V x d); a head tied to it alone
-                # would project only part of its parameter's gradient.
-                skipped.append(f"{name} (tied to {', '.join(tables)}: pass include_embeddings)")
-                continue
-            blocks[id(weight)] = self._block(users[0], modules[users[0]], names[id(weight)], users[1:])
-        if skipped:
-            logger.info("not projected (no Kronecker form or tied): %s", ", ".join(skipped))
-        if not blocks:
-            raise UserFacingError(
-                f"--proj_layers={self.layers!r} selects no Linear/Conv1D weight (only {', '.join(skipped)}); "
-                "select attention/MLP layers or pass --include_embeddings"
-            )
-        ordered = sorted(blocks.values(), key=lambda b: order[b.name])
-        start = 0
-        for block in ordered:
-            block.slice_start, start = start, start + block.k_i * block.k_o
-            block.slice_end = start
-        return ordered
-
-    def _block(self, name: str, module: nn.Module, weight_name: str, tied: list[str]) -> LayerBlock:
-        kind = _kind(module)
-        assert kind is not None
-        shape = list(module.weight.shape)
-        if kind == "linear":
-            d_out, d_in, layout = shape[0], shape[1], "out_in"
-        else:  # Conv1D weight (in, out); Embedding (V, d) treated as in=V, out=d
-            d_in, d_out, layout = shape[0], shape[1], "in_out"
-        k_i, k_o = split_rank(d_in, d_out, self.rank_total, self.rank_min, self.split)
-        return LayerBlock(
-            name, kind, weight_name, shape, layout, d_in, d_out, k_i, k_o, 0, 0, layer_seed(self.seed, name),
-            list(tied),
-        )  # fmt: skip
 
     @property
     def dim(self) -> int:
@@ -338,7 +244,7 @@ class KroneckerProjector:
                 f"({', '.join(METHODS)}); use the hf_gradext version that wrote it or re-run the projection"
             )
         blocks = [LayerBlock(**b) for b in meta["layers"]]
-        _check_blocks(blocks, model, meta["format"])
+        check_blocks(blocks, model, meta["format"])
         return cls(
             model,
             layers=meta["proj_layers"],
@@ -492,38 +398,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = Tru
         logits.to(dtype).reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return total / target.ne(-100).sum().clamp_min(1)
-
-
-def _check_blocks(blocks: list[LayerBlock], model: nn.Module, fmt: str) -> None:
-    """Refuse metadata whose blocks do not fit ``model``, or whose version-1 rows the fixes of version 2
-    changed (a tied weight missing a module, an embedding with ``padding_idx``)."""
-    root = unwrap_model(model)
-    modules = {clean_name(n): m for n, m in root.named_modules()}
-    owners = weight_owners(root)
-    for b in blocks:
-        module = modules.get(b.name)
-        weight = _weight(module) if module is not None else None
-        if weight is None or list(weight.shape) != b.original_shape:
-            raise UserFacingError(
-                f"metadata layer {b.name} {b.original_shape} does not exist in this model with that shape; "
-                "load the model the projection was made with"
-            )
-        users = owners[id(weight)]
-        if users[0] != b.name or users[1:] != list(b.tied_modules):
-            if fmt == FORMAT_V1:
-                raise UserFacingError(
-                    f"metadata format {fmt!r}: layer {b.name} was projected without {', '.join(users[1:])}, "
-                    f"which share its weight (a bug fixed in {FORMAT!r}); re-run the projection"
-                )
-            raise UserFacingError(
-                f"metadata layer {b.name} shares its weight with {b.tied_modules or 'no module'}, but in this "
-                f"model with {users[1:] or 'no module'}; load the model the projection was made with"
-            )
-        if fmt == FORMAT_V1 and getattr(module, "padding_idx", None) is not None:
-            raise UserFacingError(
-                f"metadata format {fmt!r}: embedding {b.name} has padding_idx={module.padding_idx}, whose row "
-                f"version 1 did not mask (fixed in {FORMAT!r}); re-run the projection"
-            )
 
 
 def resolve_proj_layers(args: Any, model: nn.Module) -> str:
