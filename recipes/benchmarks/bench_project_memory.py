@@ -11,8 +11,10 @@ generated text file of ``--sizes`` documents (random words, 3-30 per line). Vari
 * ``capped`` / ``capped_streaming``: ``--max_samples`` blocks (``--cap``) with and without ``--streaming``:
   only the documents those blocks need are tokenized.
 
-Peak memory is the child's peak resident set (``ru_maxrss`` from ``os.wait4``, so one process each);
-``seconds`` is its wall time. Every run gets its own empty ``HF_DATASETS_CACHE``, so nothing tokenized in
+Peak memory is the child's peak resident set (``ru_maxrss`` from ``os.wait4``, so one process each); the
+pass's resident set is also sampled every 0.25 s once the first shard exists (``pass_rss_first_fifth`` /
+``pass_rss_last_fifth``: medians of the first and last fifth of the samples), which tells a steady growth
+from the transient spikes of tokenization and GC that decide the peak. ``seconds`` is its wall time. Every run gets its own empty ``HF_DATASETS_CACHE``, so nothing tokenized in
 one run is reused by the next. The row files are checked to hold the expected number of examples.
 
     python recipes/benchmarks/bench_project_memory.py                 # sizes 20000 and 80000 documents
@@ -29,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,21 +83,40 @@ def _command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hf_gradext.cli"]
 
 
-def run_once(train_file: Path, out: Path, extra: list[str], work: Path) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of one ``project`` process; raises if it fails."""
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def run_once(train_file: Path, out: Path, extra: list[str], work: Path) -> tuple[float, float, list[float]]:
+    """(peak RSS in MiB, wall seconds, RSS samples in MiB taken every 0.25 s once the first shard exists)
+    of one ``project`` process; raises if it fails. The samples tell a steady growth (a leak) from the
+    transient spikes that decide the peak."""
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf_cache"), "OMP_NUM_THREADS": "1"}
     argv = [*_command(), "project", *MODEL, *PROJ, "--train_file", str(train_file)]
     argv += ["--output_dir", str(out), "--device", "cpu", "--batch_size", "32", "--disable_tqdm", *extra]
     start = time.perf_counter()
+    samples: list[float] = []
     with (work / "log.txt").open("w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if next(out.glob("*.safetensors"), None) is not None and (rss := _rss_mib(proc.pid)) is not None:
+                samples.append(rss)
+            time.sleep(0.25)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = (work / "log.txt").read_text().strip().splitlines()[-5:]
         raise SystemExit(f"project exited {proc.returncode}: {' | '.join(tail)}")
-    return usage.ru_maxrss / 1024, seconds  # Linux: KiB
+    return usage.ru_maxrss / 1024, seconds, samples  # ru_maxrss: KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         **_common.run_metadata("cpu"),
         "config": f"gpt2 L1 d16 T64 D8 B32 cap{args.cap} threads1",
     }
-    rows, peaks = [], {}
+    rows, peaks, steady = [], {}, {}
     root = Path(tempfile.mkdtemp(prefix="bench_project_memory-"))
     try:
         for n_docs in sizes:
@@ -124,17 +146,29 @@ def main(argv: list[str] | None = None) -> None:
                 work = root / f"{name}-{n_docs}"
                 work.mkdir()
                 extra = [a.format(cap=args.cap) for a in VARIANTS[name]]
-                peak, seconds = run_once(data, work / "rows", extra, work)
+                peak, seconds, samples = run_once(data, work / "rows", extra, work)
                 stats = json.loads((work / "rows" / "projection_stats.json").read_text())
                 examples = int(stats["examples_this_run"])
                 peaks[name, n_docs] = peak
                 variant = f"{name}_{n_docs}docs"
+                # The pass's steady state: median RSS of the first and of the last fifth of the samples.
+                fifth = max(1, len(samples) // 5)
+                early = statistics.median(samples[:fifth]) if samples else float("nan")
+                late = statistics.median(samples[-fifth:]) if samples else float("nan")
+                steady[name, n_docs] = late
                 rows += [
                     _common.row(common, variant, "peak_rss", round(peak, 1), "MiB"),
+                    _common.row(common, variant, "pass_rss_first_fifth", round(early, 1), "MiB"),
+                    _common.row(common, variant, "pass_rss_last_fifth", round(late, 1), "MiB"),
+                    _common.row(common, variant, "pass_rss_samples", len(samples), "samples"),
                     _common.row(common, variant, "seconds", round(seconds, 2), "s"),
                     _common.row(common, variant, "examples", examples, "blocks"),
                 ]
-                print(f"{variant:32s} peak {peak:8.1f} MiB  {seconds:7.2f} s  {examples} blocks", flush=True)
+                print(
+                    f"{variant:32s} peak {peak:8.1f} MiB  pass RSS {early:7.1f} -> {late:7.1f} MiB  "
+                    f"{seconds:7.2f} s  {examples} blocks",
+                    flush=True,
+                )
                 shutil.rmtree(work)
         if len(sizes) >= 2:
             small, large = sizes[0], sizes[-1]
@@ -146,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 )
                 print(f"{name:32s} peak RSS growth {small} -> {large} documents: {growth:+.1f}%")
+                late = 100 * (steady[name, large] / steady[name, small] - 1)
+                rows.append(
+                    _common.row(common, name, f"pass_rss_growth_{small}_to_{large}docs", round(late, 2), "%")
+                )
+                print(f"{name:32s} end-of-pass RSS growth {small} -> {large} documents: {late:+.1f}%")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     path = _common.write_csv(args.out, rows, append=True)
