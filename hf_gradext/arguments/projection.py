@@ -15,9 +15,8 @@ from hf_gradext.errors import UserFacingError
 PROJ_DTYPES = ("bfloat16", "float16", "float32")
 PROJ_METHODS = ("gaussian", "rademacher", "row_orthonormal")  # hf_gradext.projection.matrices.METHODS
 PROJ_SPLITS = ("cost", "balanced")  # hf_gradext.projection.ranks.SPLIT_RULES
-DEFAULT_PROJ_METHOD = (
-    "rademacher"  # --proj_method unset (None: so that --proj_row_orthonormal can be told apart)
-)
+# What an unset --proj_method means (its default is None so that --proj_row_orthonormal can be told apart).
+DEFAULT_PROJ_METHOD = "rademacher"
 PRECONDITION_MODES = ("rank1", "adafactor")  # the factored modes; full-grads always scales exactly
 
 

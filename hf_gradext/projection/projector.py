@@ -129,7 +129,7 @@ class KroneckerProjector:
                 rank_min=rank_min,
                 split=split,
                 seed=seed,
-            )  # fmt: skip
+            )
         )
         modules = {clean_name(n): m for n, m in unwrap_model(model).named_modules()}
         # Every module using a projected weight is hooked and routed to that weight's block.
@@ -213,9 +213,8 @@ class KroneckerProjector:
         }
         if self.method == "rademacher":
             meta["seed_rule"] += "; rademacher: signs 2 * randint(0, 2) - 1 (int64) in place of randn"
-        if (
-            self.split != "cost"
-        ):  # absent for cost: directories from before the key (all cost) keep their settings
+        # Absent for cost: directories from before the key (all cost) keep their settings.
+        if self.split != "cost":
             meta["proj_split"] = self.split
         if self.preconditioning is not None:  # absent when off: older directories keep their settings
             meta["preconditioning"] = dict(self.preconditioning)

@@ -50,6 +50,21 @@ def damaged(path: str | os.PathLike, reason: str, fix: str) -> DamagedFileError:
     return DamagedFileError(f"{path} is damaged ({reason}); {fix}")
 
 
+def _block_numbers(n: int) -> np.ndarray:
+    """(n,) uint64 block numbers 1..n (the reused array when it is long enough)."""
+    return _INDEX[:n] if n <= _INDEX.size else np.arange(1, n + 1, dtype=np.uint64)
+
+
+def _digest(s1: int, s2: int, blocks: int, tail: bytes, length: int) -> str:
+    """The ``fl64`` string from the sums over ``blocks`` whole blocks, the bytes after them and the length."""
+    if tail:
+        padded = tail + b"\0" * (-len(tail) % 8)
+        last = int(np.add.reduce(np.frombuffer(padded, dtype=_WORDS), dtype=np.uint64))
+        s1, s2 = (s1 + last) & _MASK, (s2 + (blocks + 1) * last) & _MASK
+    s1 = (s1 + length) & _MASK  # appended or dropped zero bytes change the length
+    return f"{ALGORITHM}:{s1:016x}{s2:016x}"
+
+
 class BlockFletcher64:
     """Streaming form of the ``fl64`` checksum (module docstring): ``update`` with buffers of any sizes
     and boundaries gives the same digest as one buffer holding them all."""
@@ -82,7 +97,7 @@ class BlockFletcher64:
     def _add_blocks(self, data: np.ndarray) -> None:
         sums = self._block_sums(data)  # (n_blocks,)
         n = sums.size
-        index = _INDEX[:n] if n <= _INDEX.size else np.arange(1, n + 1, dtype=np.uint64)  # (n_blocks,)
+        index = _block_numbers(n)  # (n_blocks,)
         # uint64 arithmetic wraps: these are the sums mod 2**64. Block j of this call is block
         # self.blocks + j overall: s2 gains sum_j (self.blocks + j) b_j.
         total = int(np.add.reduce(sums, dtype=np.uint64))
@@ -96,13 +111,7 @@ class BlockFletcher64:
         return np.add.reduce(words, axis=1, dtype=np.uint64)
 
     def hexdigest(self) -> str:
-        s1, s2 = self.s1, self.s2
-        if self.tail:
-            padded = self.tail + b"\0" * (-len(self.tail) % 8)
-            last = int(np.add.reduce(np.frombuffer(padded, dtype=_WORDS), dtype=np.uint64))
-            s1, s2 = (s1 + last) & _MASK, (s2 + (self.blocks + 1) * last) & _MASK
-        s1 = (s1 + self.length) & _MASK  # appended or dropped zero bytes change the length
-        return f"{ALGORITHM}:{s1:016x}{s2:016x}"
+        return _digest(self.s1, self.s2, self.blocks, self.tail, self.length)
 
 
 class BufferFletcher64:
@@ -137,16 +146,9 @@ class BufferFletcher64:
         if self.covered != self.n_blocks:  # a caller's bug; never record a digest of unsummed memory
             raise RuntimeError(f"{self.covered} of {self.n_blocks} blocks were hashed")
         n = self.n_blocks
-        index = _INDEX[:n] if n <= _INDEX.size else np.arange(1, n + 1, dtype=np.uint64)  # (n_blocks,)
-        s1 = int(np.add.reduce(self.sums, dtype=np.uint64)) if n else 0
-        s2 = int(np.dot(self.sums, index)) & _MASK if n else 0
-        tail = self.data[n * _BLOCK_BYTES :]
-        if tail.size:
-            padded = tail.tobytes() + b"\0" * (-tail.size % 8)
-            last = int(np.add.reduce(np.frombuffer(padded, dtype=_WORDS), dtype=np.uint64))
-            s1, s2 = (s1 + last) & _MASK, (s2 + (n + 1) * last) & _MASK
-        s1 = (s1 + self.data.size) & _MASK
-        return f"{ALGORITHM}:{s1:016x}{s2:016x}"
+        s1 = int(np.add.reduce(self.sums, dtype=np.uint64))  # uint64 wraps: mod 2**64, as BlockFletcher64
+        s2 = int(np.dot(self.sums, _block_numbers(n))) & _MASK
+        return _digest(s1, s2, n, self.data[n * _BLOCK_BYTES :].tobytes(), self.data.size)
 
 
 class _Crc32:
