@@ -70,12 +70,13 @@ def test_lds_benchmark_smoke_with_peers(tmp_path):
     assert paired >= {"kron", "kron_rad", "adam_rank1"}
 
 
-def _benchmark_module():
+def _benchmark_module(name: str = "lds_report"):
+    """A module of the benchmark (the statistics live in lds_report.py, next to the script)."""
     import importlib.util
 
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling _common
+    sys.path.insert(0, str(SCRIPT.parent))  # the scripts import their siblings (_common, lds_peers)
     try:
-        spec = importlib.util.spec_from_file_location("attribution_lds", SCRIPT)
+        spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
