@@ -65,6 +65,17 @@ def run_metadata(device: str, *, cpu_cores: bool = False, timestamp: bool = Fals
     }
 
 
+def proc_status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A ``/proc/<pid>/status`` memory field in KiB (``VmRSS``, ``VmHWM``); ``None`` without /proc or the field."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def row(common: dict[str, Any], variant: str, metric: str, value: Any, unit: str) -> dict[str, Any]:
     """One long-format record: the run's shared columns (``benchmark``, metadata, ``config``) + one value."""
     return {**common, "variant": variant, "metric": metric, "value": value, "unit": unit}

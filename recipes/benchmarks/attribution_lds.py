@@ -204,16 +204,6 @@ def damped_by_gram(g: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- cost measurement
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _malloc_trim() -> None:
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -227,7 +217,7 @@ def measured(fn: Callable[[], Any], runs: int = 3) -> tuple[Any, float, float, f
         result = None  # free the previous run's result before measuring the next
         gc.collect()
         _malloc_trim()  # hand freed heap back to the OS, so a reused free list does not hide a peak
-        base = _status_kib("VmRSS")
+        base = _common.proc_status_kib("VmRSS")
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         except OSError:
@@ -237,7 +227,7 @@ def measured(fn: Callable[[], Any], runs: int = 3) -> tuple[Any, float, float, f
         result = fn()
         best = min(best, time.perf_counter() - start)
         best_cpu = min(best_cpu, time.process_time() - start_cpu)
-        if base is not None and (hwm := _status_kib("VmHWM")) is not None:
+        if base is not None and (hwm := _common.proc_status_kib("VmHWM")) is not None:
             peak = max(peak, (hwm - base) / 1024)
         else:
             peak = max(peak, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_max) / 1024)

@@ -83,16 +83,6 @@ def _command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hf_gradext.cli"]
 
 
-def _rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def run_once(train_file: Path, out: Path, extra: list[str], work: Path) -> tuple[float, float, list[float]]:
     """(peak RSS in MiB, wall seconds, RSS samples in MiB taken every 0.25 s once the first shard exists)
     of one ``project`` process; raises if it fails. The samples tell a steady growth (a leak) from the
@@ -104,12 +94,14 @@ def run_once(train_file: Path, out: Path, extra: list[str], work: Path) -> tuple
     samples: list[float] = []
     with (work / "log.txt").open("w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        started = False  # the pass has written its first shard (looked up until then, not every poll)
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if next(out.glob("*.safetensors"), None) is not None and (rss := _rss_mib(proc.pid)) is not None:
-                samples.append(rss)
+            started = started or next(out.glob("*.safetensors"), None) is not None
+            if started and (kib := _common.proc_status_kib("VmRSS", proc.pid)) is not None:
+                samples.append(kib / 1024)
             time.sleep(0.25)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
