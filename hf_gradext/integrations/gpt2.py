@@ -3,7 +3,8 @@
 Mask cache:
 
 * ``masking_utils.create_causal_mask``: takes ``config, inputs_embeds, attention_mask, position_ids``
-  and the KV cache under the name ``past_key_values`` (transformers 5.23) or ``cache`` (5.24);
+  and the KV cache under the name ``past_key_values`` (transformers 5.23) or ``cache`` (5.24; 5.25 also
+  accepts ``past_key_values`` as a deprecated keyword-only alias, which does not count as a second name);
 * ``modeling_gpt2.create_causal_mask``: the module attribute ``GPT2Model.forward`` looks the function up
   through (so replacing it there reroutes GPT-2's mask creation and nothing else);
 * ``GPT2Model.forward``: ``(input_ids, <cache>, ...)`` with ``position_ids`` and ``inputs_embeds``, where
@@ -28,8 +29,17 @@ PACKAGE = "transformers"
 
 
 def _cache_name(func: Any) -> str | None:
+    """The one KV-cache parameter that can be passed by position, or None when there is not exactly one.
+
+    A keyword-only alias (transformers 5.25 keeps ``past_key_values`` that way while it is deprecated)
+    is not the parameter GPT-2 passes, so it does not count.
+    """
     params = inspect.signature(func).parameters
-    found = [name for name in CACHE_NAMES if name in params]
+    found = [
+        name
+        for name in CACHE_NAMES
+        if name in params and params[name].kind is not inspect.Parameter.KEYWORD_ONLY
+    ]
     return found[0] if len(found) == 1 else None
 
 
@@ -43,7 +53,7 @@ def create_causal_mask_cache_name() -> str:
         if problem:
             return f"masking_utils.create_causal_mask: {problem}"
         if _cache_name(func) is None:
-            return "masking_utils.create_causal_mask takes neither past_key_values nor cache (exactly one expected)"
+            return "masking_utils.create_causal_mask does not take exactly one of past_key_values / cache by position"
         return None
 
     check_once("masking_utils.create_causal_mask", PACKAGE, check)

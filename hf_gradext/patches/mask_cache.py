@@ -120,7 +120,7 @@ def cached_create_causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """Drop-in for ``transformers.masking_utils.create_causal_mask`` as GPT-2 calls it.
 
     Takes the arguments under transformers' own names (the KV cache is ``past_key_values`` on 5.23 and
-    ``cache`` on 5.24: bound to the real signature, never assumed). Returns exactly what transformers
+    ``cache`` from 5.24: bound to the real signature, never assumed). Returns exactly what transformers
     would return (same values, same shape up to broadcasting views), with fewer host-device syncs and
     no per-call mask construction where it can; see the module docstring for the cases.
     """

@@ -44,6 +44,25 @@ def test_create_causal_mask_without_a_cache_parameter(monkeypatch):
     assert not mask_cache.is_mask_cache_installed()
 
 
+def test_keyword_only_deprecated_alias_is_not_a_second_cache_name(monkeypatch):
+    # transformers 5.25: ``cache`` by position, ``past_key_values`` kept as a keyword-only alias.
+    def create(config, inputs_embeds, attention_mask, cache, position_ids=None, *, past_key_values=None):
+        return None
+
+    monkeypatch.setattr(masking_utils, "create_causal_mask", create)
+    assert gpt2.create_causal_mask_cache_name() == "cache"
+
+
+def test_create_causal_mask_with_both_cache_names_by_position(monkeypatch):
+    def create(config, inputs_embeds, attention_mask, cache, past_key_values=None, position_ids=None):
+        return None
+
+    monkeypatch.setattr(masking_utils, "create_causal_mask", create)
+    with pytest.raises(guard.IntegrationError, match="exactly one of past_key_values / cache") as excinfo:
+        gpt2.create_causal_mask_cache_name()
+    _assert_drift(excinfo, "masking_utils.create_causal_mask")
+
+
 def test_gpt2_forward_with_another_cache_name(monkeypatch):
     def forward(self, input_ids=None, kv=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         return create_causal_mask()  # noqa: F821 - only its code object is inspected
