@@ -23,8 +23,14 @@ from typing import Any
 
 from hf_gradext.data.blocks import CHUNK_DOCUMENTS, EXAMPLE_ID_COLUMN, iter_block_chunks, text_column
 from hf_gradext.errors import UserFacingError
+from hf_gradext.integrations.hf_datasets import read_chunk_options, resolve_features
 
 logger = logging.getLogger(__name__)
+
+# Bytes the datasets text / json builders read per step of a streamed local file (their default: 10 MiB).
+# Each read becomes a list of lines and an Arrow table at once, ~4x its size in transient memory; at
+# 10 MiB those swings made about half of the upward drift of a long pass's resident set (docs/projection.md).
+STREAM_READ_BYTES = 1 << 20
 
 
 @dataclass
@@ -247,6 +253,8 @@ def _file_streams(margs: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = (
         {"keep_linebreaks": getattr(margs, "keep_linebreaks", True)} if builder == "text" else {}
     )
+    # Same documents (each read ends at a line end), a tenth of the transient: see STREAM_READ_BYTES.
+    kwargs.update(read_chunk_options(builder, STREAM_READ_BYTES))
     try:
         ds = load_dataset(
             builder, data_files=files, cache_dir=getattr(margs, "cache_dir", None), streaming=True, **kwargs
@@ -266,10 +274,8 @@ def _file_streams(margs: Any) -> dict[str, Any]:
 
 def _with_features(stream: Any, name: str) -> Any:
     """The stream with its columns known (a text/json stream learns them from its first row)."""
-    if stream.features is not None:
-        return stream
     try:
-        return stream._resolve_features()  # reads the first row only
+        return resolve_features(stream)  # reads the first row only
     except StopIteration:
         raise UserFacingError(f"{name} has no documents; pass data with some text in it") from None
 

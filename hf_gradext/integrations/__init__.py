@@ -1,4 +1,4 @@
-"""The one place that touches private transformers / accelerate / peft APIs.
+"""The one place that touches private transformers / accelerate / peft / datasets APIs.
 
 Everything outside this package uses public APIs only (``Trainer``'s documented overridables such as
 ``training_step`` / ``compute_loss`` / ``log`` are public). Each module here owns the touchpoints of

@@ -23,6 +23,7 @@ SUPPORTED: dict[str, str] = {
     "transformers": ">=5.23,<6",
     "accelerate": ">=1.15,<2",
     "peft": ">=0.21,<1",
+    "datasets": ">=5.2",
     "trl": ">=1.16,<2",  # optional (dev extra): only GradExtSFTTrainer imports it
 }
 
@@ -32,6 +33,7 @@ TESTED: dict[str, tuple[str, ...]] = {
     "transformers": ("5.23.0", "5.24.0", "5.25.0"),
     "accelerate": ("1.15.0", "1.16.0"),
     "peft": ("0.21.0", "0.21.2"),
+    "datasets": ("5.2.0",),
     "trl": ("1.16.0",),
 }
 

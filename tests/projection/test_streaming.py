@@ -7,6 +7,7 @@ is streamed, cut by ``--max_samples`` before tokenizing, resumed after a kill, o
 from __future__ import annotations
 
 import json
+import os
 import random
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import hf_gradext.data.blocks as blocks_module
+import hf_gradext.data.streaming as streaming_module
 import hf_gradext.projection.dataset_pass as dataset_pass
 from hf_gradext.data import build_datasets
 from hf_gradext.data.blocks import CHUNK_DOCUMENTS
@@ -91,6 +93,16 @@ def _stream_lists(stream) -> list[tuple[int, list[int], list[int]]]:
 
 
 # ------------------------------------------------------------------ blocks: the same as tokenize_and_group
+def test_small_streaming_reads_give_the_same_blocks(docs, tiny_tokenizer, monkeypatch):
+    """The text file read 4 KiB at a time (about 30 reads, most ending mid-file) gives the same blocks."""
+    assert os.path.getsize(docs) > 10 * 4096
+    margs = _margs(docs, 5)
+    train, _ = build_datasets(margs, tiny_tokenizer, block_size=BLOCK)
+    monkeypatch.setattr(streaming_module, "STREAM_READ_BYTES", 4096)
+    stream = BlockStream(streaming_source(margs, "train"), tiny_tokenizer, BLOCK)
+    assert _stream_lists(stream) == _as_lists(train)
+
+
 @pytest.mark.parametrize("pct,split", [(5, "train"), (5, "validation"), (0, "train")])
 @pytest.mark.parametrize("make_source", [arrow_source, streaming_source], ids=["arrow", "streaming"])
 def test_lazy_blocks_equal_the_full_tokenization(docs, tiny_tokenizer, make_source, pct, split):
@@ -103,7 +115,12 @@ def test_lazy_blocks_equal_the_full_tokenization(docs, tiny_tokenizer, make_sour
     assert _stream_lists(capped) == reference[: len(reference) // 2]  # = tokenize all, then select first N
 
 
-def test_streamed_jsonl_gives_the_blocks_of_the_loaded_file(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("read_bytes", [None, 4096], ids=["default_reads", "4KiB_reads"])
+def test_streamed_jsonl_gives_the_blocks_of_the_loaded_file(
+    tmp_path, tiny_tokenizer, monkeypatch, read_bytes
+):
+    if read_bytes is not None:  # many reads, each ending inside the file: documents must not change
+        monkeypatch.setattr(streaming_module, "STREAM_READ_BYTES", read_bytes)
     rng = random.Random(2)
     rows = [
         {"id": i, "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9)))} for i in range(2100)
@@ -160,7 +177,10 @@ def test_every_rank_takes_the_same_examples_streamed_or_not(docs, tiny_tokenizer
         want = [(b["example_id"], b["input_ids"]) for b in full.batches]
         got = [(b["example_id"], b["input_ids"]) for b in lazy.batches]
         assert got == want and lazy.skipped() == full.skipped() == len(done)
-        assert lazy.total is None and lazy.estimate(10) == round(10 * stream.source.length / 3500)
+        # A local text stream has no document count in its metadata: no estimate until one is known.
+        assert lazy.total is None and stream.source.length is None and lazy.estimate(10) is None
+        stream.source.length = 7000  # as a Hub dataset's card would give it
+        assert lazy.estimate(10) == round(10 * 7000 / 3500)
         capped = BlockStream(streaming_source(margs, "train"), tiny_tokenizer, BLOCK, max_blocks=100)
         work = dataset_pass._plan_work(capped, done, rank, world, batch_size=7)
         assert work.total == sum(len(b["example_id"]) for b in work.batches) == len(range(rank, 95, world))
