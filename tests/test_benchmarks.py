@@ -123,3 +123,15 @@ def test_shell_scripts_take_the_interpreter_from_python_env():
             if "python" in line.replace("${PYTHON:-python3}", "").replace("--python-version", "")
         ]
         assert not bare, (name, bare)
+
+
+def test_norm_share_matches_a_hand_count():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gqc_norm_flops", BENCH_DIR / "gqc_norm_flops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # T=2, d=1, one layer, vocab 1, ff 1: Linears (1,3) (1,1) (1,1) (1,1) and the head (1,1).
+    # training: 3*2*(3+1+1+1) + 3*2*2*2*1 (attention) + 3*2*1 = 36 + 24 + 6 = 66
+    # norms: min(4*4, 2*3) + 3*min(4*2, 2*1) + min(4*2, 2*1) = 6 + 6 + 2 = 14
+    assert module.norm_share(2, 1, 1, 1, ff_mult=1) == pytest.approx(14 / 66)
