@@ -236,14 +236,13 @@ def _fsync_dir(directory: Path) -> None:
 def write_shard_atomic(
     path: Path,
     tensors: dict[str, torch.Tensor],
-    rows: list[dict[str, Any]] | str,
+    rows: list[dict[str, Any]],
     meta: dict[str, Any],
     checksums: bool | None = None,
 ) -> float:
     """Write one shard to a temporary name, fsync, and rename it into place.
 
     Args:
-        rows: the index rows, or their ``json.dumps`` text (what :class:`ShardWriter` hands over).
         checksums: write checksums (default :data:`WRITE_CHECKSUMS`).
 
     Returns:
@@ -252,8 +251,7 @@ def write_shard_atomic(
     path = Path(path)
     tmp = temp_path(path)
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
-    rows_json = rows if isinstance(rows, str) else json.dumps(rows)
-    meta_json = json.dumps(meta)
+    rows_json, meta_json = json.dumps(rows), json.dumps(meta)
 
     def metadata_for(sums: dict[str, str] | None) -> dict[str, str]:
         header = {ROWS_KEY: rows_json, META_KEY: meta_json, "format": "pt"}
@@ -367,15 +365,11 @@ class ShardWriter:
         self._raise_if_failed()
         if not self._thread.is_alive():
             raise StoreWriteError(f"the shard writer for {self.directory} is closed; create a new one")
-        # The index rows become JSON text here, in the caller's thread: a row that is not JSON fails at
-        # this call (not later in the writer thread), and the many small objects the caller made are freed
-        # where they were made, not in the writer's thread.
-        rows_json = json.dumps(list(rows or []))
         path = self.directory / shard_name(self.prefix, self.rank, self.next_seq)
         self.next_seq += 1
         # Detach from autograd and the device now: the caller may reuse its buffers right away.
         cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-        self._queue.put((path, cpu, rows_json, dict(meta or {}), WRITE_CHECKSUMS))
+        self._queue.put((path, cpu, list(rows or []), dict(meta or {}), WRITE_CHECKSUMS))
         return path
 
     def _run(self) -> None:

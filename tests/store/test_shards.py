@@ -45,16 +45,6 @@ def test_writer_copies_so_caller_can_reuse_buffers(tmp_path):
     assert torch.equal(read_shard(path)[0]["v"], torch.zeros(4))
 
 
-def test_rows_that_are_not_json_fail_at_the_call_and_the_writer_goes_on(tmp_path):
-    with ShardWriter(tmp_path, prefix="p") as writer:
-        with pytest.raises(TypeError, match="not JSON serializable"):
-            writer.write({"v": torch.zeros(2)}, [{"example_id": object()}])
-        path = writer.write({"v": torch.ones(2)}, _rows(0, 2))
-    assert path.name == "p-rank000-000000.safetensors"  # the refused call took no sequence number
-    assert [s.seq for s in list_shards(tmp_path, "p")] == [0]
-    assert read_shard(path)[1] == _rows(0, 2)
-
-
 def test_index_spans_shards_in_order_and_resume_continues_numbering(tmp_path):
     with ShardWriter(tmp_path, prefix="p") as writer:
         for step in range(3):
