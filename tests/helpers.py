@@ -153,6 +153,22 @@ def run_module(
     )
 
 
+def load_script(path: str | os.PathLike) -> Any:
+    """Import a recipe script by its path (recipes are not a package); its folder is importable meanwhile,
+    so the script's own sibling imports (``_common``, ...) resolve."""
+    import importlib.util
+
+    path = Path(path)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
     with socket.socket() as s:

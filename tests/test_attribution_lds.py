@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "benchmarks" / "attribution_lds.py"
 HF_METHODS = {
     "kron", "kron_orth", "kron_rad", "exact", "adam_exact", "adam_rank1", "adam_rank1_rad_bal",
@@ -72,16 +74,7 @@ def test_lds_benchmark_smoke_with_peers(tmp_path):
 
 def _benchmark_module(name: str = "lds_report"):
     """A module of the benchmark (the statistics live in lds_report.py, next to the script)."""
-    import importlib.util
-
-    sys.path.insert(0, str(SCRIPT.parent))  # the scripts import their siblings (_common, lds_peers)
-    try:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_script(SCRIPT.with_name(f"{name}.py"))
 
 
 def test_paired_difference_is_sharper_than_the_unpaired_intervals():

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "recipes" / "benchmarks"
 TOY = ["--batch", "2", "--seq", "16"]
 CASES = {  # script -> (extra flags, environment, variants the CSV must hold)
@@ -126,11 +128,7 @@ def test_shell_scripts_take_the_interpreter_from_python_env():
 
 
 def test_norm_share_matches_a_hand_count():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gqc_norm_flops", BENCH_DIR / "gqc_norm_flops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(BENCH_DIR / "gqc_norm_flops.py")
     # T=2, d=1, one layer, vocab 1, ff 1: Linears (1,3) (1,1) (1,1) (1,1) and the head (1,1).
     # training: 3*2*(3+1+1+1) + 3*2*2*2*1 (attention) + 3*2*1 = 36 + 24 + 6 = 66
     # norms: min(4*4, 2*3) + 3*min(4*2, 2*1) + min(4*2, 2*1) = 6 + 6 + 2 = 14

@@ -1,12 +1,11 @@
 """The recipes are data: each parses, and each carries the header the README promises."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from hf_gradext.arguments.parsing import EMBEDDED_DEFAULTS, parse_args
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_script
 
 RECIPES = REPO_ROOT / "recipes"
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
@@ -61,9 +60,7 @@ def test_gpt2_small_recipe_parses_with_bf16_switched_off():
 
 
 def test_flags_table_lists_every_model_data_flag():
-    spec = importlib.util.spec_from_file_location("make_flags_table", RECIPES / "make_flags_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(RECIPES / "make_flags_table.py")
     table = module.flags_table()
     from dataclasses import fields
 
