@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from transformers.models.gpt2 import modeling_gpt2
 
+from hf_gradext.integrations.gpt2 import CACHE_NAMES  # the KV-cache names transformers has used
 from hf_gradext.patches.gpt2_config import is_gpt2_config
 
 MAX_ENTRIES = 32
@@ -48,7 +49,6 @@ _originals: dict[str, Any] = {}
 # The class-level choice (apply_gradext_to_gpt2(model=None, causal_mask_cache=True)).
 _class_default = {"on": False}
 MASK_CACHE_KEY = "gradext_causal_mask_cache"
-CACHE_NAMES = ("past_key_values", "cache")
 
 
 def clear_mask_cache() -> None:
