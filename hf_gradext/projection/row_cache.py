@@ -2,7 +2,7 @@
 
 Several shards (or rows reordered by example id) become one raw row-major file ``rows-<key>.bin`` that is
 returned memory-mapped; ``<key>`` hashes the shard names, sizes and mtimes and the row order, so new
-shards (or another order) mean another file. Next to it, ``rows-<key>.json`` records its size and CRC-32.
+shards (or another order) mean another file. Next to it, ``rows-<key>.json`` records its size and checksum (:mod:`hf_gradext.store.integrity`).
 
 Safety, each point a failure seen before:
 
@@ -33,7 +33,7 @@ from hf_gradext.errors import UserFacingError
 from hf_gradext.store.cache_dir import ENV as CACHE_ENV
 from hf_gradext.store.cache_dir import private_dir
 from hf_gradext.store.disk import DiskError, disk_error, free_bytes, is_disk_error
-from hf_gradext.store.integrity import BlockFletcher64, checksum_matches, read_json
+from hf_gradext.store.integrity import checksum_matches, new_hasher, read_json
 from hf_gradext.store.shards import write_json_atomic
 from hf_gradext.store.temp import remove_stale_temporaries, temp_path
 
@@ -146,7 +146,7 @@ def find_or_build(
 def _write(target: Path, n_rows: int, row_bytes: int, fill: Callable[[int, int], np.ndarray]) -> None:
     tmp = temp_path(target)
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    hasher = BlockFletcher64()
+    hasher = new_hasher()
     try:
         with open(tmp, "wb") as handle:
             for start in range(0, n_rows, step):

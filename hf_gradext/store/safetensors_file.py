@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import torch
 
-from hf_gradext.store.integrity import PLACEHOLDER, BufferFletcher64, damaged, tensor_bytes
+from hf_gradext.store.integrity import PLACEHOLDER, damaged, new_hasher, tensor_bytes
 
 # safetensors dtype tag -> bytes per element
 DTYPE_SIZES = {
@@ -165,12 +165,13 @@ def write_safetensors(
     sums, hashing = {}, 0.0
     for key in keys:
         data = tensor_bytes(tensors[key])  # (n_bytes,) uint8, zero-copy
-        hasher = BufferFletcher64(data) if checksums else None
+        hasher = new_hasher() if checksums else None
         for begin in range(0, data.size, SLICE_BYTES):
-            handle.write(data[begin : begin + SLICE_BYTES])
+            piece = data[begin : begin + SLICE_BYTES]
+            handle.write(piece)
             if hasher is not None:
                 start = time.thread_time()
-                hasher.hash_range(begin, begin + SLICE_BYTES)
+                hasher.update(piece)
                 hashing += time.thread_time() - start
         if hasher is not None:
             sums[key] = hasher.hexdigest()

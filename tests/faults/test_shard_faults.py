@@ -89,7 +89,7 @@ SHARD_FAULTS = {
     "bit_flip_float_exponent": (lambda p: flip_bit(p, safetensors_data_offset(p) + 3, 6), "checksum"),
     "bit_flip_index_row_digit": (_after(b"hf_gradext_rows", b"example_id"), "checksum"),
     "bit_flip_metadata_digit": (_after(b"hf_gradext_meta", b"step"), "checksum"),
-    "bit_flip_recorded_checksum": (_after(b"hf_gradext_checksums", b"fl64:"), "checksum"),
+    "bit_flip_recorded_checksum": (_after(b"hf_gradext_checksums", b"xxh3:"), "checksum"),
 }
 
 
@@ -136,6 +136,26 @@ def test_old_shards_without_checksums_still_load(tmp_path):
     assert read_shard(path)[0]["norm"].shape == (4,)
     truncate(path, 0.5)  # a truncation is caught by the bounds check all the same
     with pytest.raises(DamagedFileError, match=path.name):
+        read_shard(path)
+
+
+def test_shards_with_fletcher_checksums_of_earlier_versions_verify(tmp_path, monkeypatch):
+    """Shards written before ``xxh3`` (2026-12-04) carry ``fl64`` records: they load, and damage is caught."""
+    import hf_gradext.store.safetensors_file as safetensors_file
+    import hf_gradext.store.shards as shards_module
+    from hf_gradext.store.integrity import BlockFletcher64, bytes_checksum
+
+    path = tmp_path / "grads-rank000-000000.safetensors"
+    with monkeypatch.context() as patch:  # write as the earlier version did
+        patch.setattr(safetensors_file, "new_hasher", BlockFletcher64)
+        patch.setattr(shards_module, "bytes_checksum", lambda chunks: bytes_checksum(chunks, "fl64"))
+        write_shard_atomic(path, _tensors(0), _rows(0), {"step": 0})
+    assert b"fl64:" in path.read_bytes() and b"xxh3:" not in path.read_bytes()
+    tensors, rows, meta = read_shard(path)
+    assert all(torch.equal(tensors[k], v) for k, v in _tensors(0).items())
+    assert rows == _rows(0) and meta == {"step": 0}
+    flip_bit(path, -1, 0)
+    with pytest.raises(DamagedFileError, match="fails its checksum"):
         read_shard(path)
 
 
