@@ -39,6 +39,7 @@ from hf_gradext.gqc.noise import SampleNormStats, weight_vector
 from hf_gradext.gqc.norms import MicrobatchNormTracker, grads_of, scale_, total_norm
 from hf_gradext.gqc.run import GQCRun, require_run
 from hf_gradext.gqc.sample_norms import VECTOR_SIZE, SampleNormCapture, sample_weights
+from hf_gradext.grad.observer import trainer_shifts_labels
 from hf_gradext.integrations import accelerate as accelerate_internals
 from hf_gradext.integrations import loss as loss_integration
 from hf_gradext.integrations import trainer as trainer_internals
@@ -82,10 +83,7 @@ def _shifts_labels(trainer) -> bool:
 
     The package's one answer (:func:`hf_gradext.integrations.loss.shifts_labels`), cached per trainer.
     """
-    cached = getattr(trainer, "_gqc_shifts_labels", None)
-    if cached is None:
-        cached = trainer._gqc_shifts_labels = loss_integration.shifts_labels(trainer.model)
-    return cached
+    return trainer_shifts_labels(trainer)
 
 
 def _loss_is_sum(trainer) -> bool:

@@ -39,7 +39,7 @@ import torch
 
 from hf_gradext.gqc.noise import sample_norm_vector
 from hf_gradext.grad.capture import CaptureEngine
-from hf_gradext.grad.factors import sq_norms
+from hf_gradext.grad.factors import total_sq_norms
 from hf_gradext.grad.loss_scaling import valid_token_counts
 from hf_gradext.grad.observer import TrainingCaptureObserver
 
@@ -92,14 +92,11 @@ class SampleNormCapture:
     def sq_norms(self) -> torch.Tensor:
         """(B,) squared norms of the captured per-sample gradients, summed over every parameter; frees the records."""
         contribs = self.engine.contributions()
-        sq = None
-        for cs in contribs.values():
-            term = sq_norms(cs).clamp_min(0)  # (B,); the ghost identity can round a tiny norm below 0
-            sq = term if sq is None else sq + term
         self.engine.records = {}  # the (a, g) pairs hold activation-sized memory until the next capture
-        if sq is None:
+        if not contribs:
             raise RuntimeError("gns_sample: the capture recorded no layer in this microbatch's backward")
-        return sq
+        # (B,); each parameter's term clipped at 0 (the ghost identity can round a tiny norm below 0)
+        return total_sq_norms(contribs)
 
     def vector(self, weights: torch.Tensor | None) -> torch.Tensor:
         """:func:`hf_gradext.gqc.noise.sample_norm_vector` of this microbatch, float64 (4,) on the device."""

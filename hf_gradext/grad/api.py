@@ -32,6 +32,7 @@ from hf_gradext.grad.factors import (
     dots,
     materialize_sum,
     sq_norms,
+    total_sq_norms,
 )
 from hf_gradext.grad.loss_scaling import IGNORE_INDEX, LossScale, shifts_labels
 from hf_gradext.grad.selection import clean_name, unwrap_model
@@ -185,11 +186,11 @@ def per_sample_grad_norms(
     """
     _check_method(method)
     contribs = _contributions(model, batch, layers, unsupported, loss_fn)
+    if not per_layer:
+        return total_sq_norms(contribs, method).sqrt()  # biases folded into their weights' ghost terms
     per = {name: sq_norms(cs, method).clamp_min(0) for name, cs in contribs.items()}
     total = torch.stack(list(per.values())).sum(0).sqrt()
-    if per_layer:
-        return total, {name: sq.sqrt() for name, sq in per.items()}
-    return total
+    return total, {name: sq.sqrt() for name, sq in per.items()}
 
 
 def gradient_similarity(
@@ -220,7 +221,7 @@ def gradient_similarity(
     assert isinstance(sim, Tensor)
     if kind == "dot":
         return sim
-    na = sum(sq_norms(cs, method) for cs in ca.values()).clamp_min(0).sqrt()  # (Na,)
-    nb = na if batch_b is None else sum(sq_norms(cs, method) for cs in cb.values()).clamp_min(0).sqrt()
+    na = total_sq_norms(ca, method, clamp=False).clamp_min(0).sqrt()  # (Na,)
+    nb = na if batch_b is None else total_sq_norms(cb, method, clamp=False).clamp_min(0).sqrt()  # (Nb,)
     denom = na[:, None] * nb[None, :]
     return torch.where(denom > 0, sim / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(sim))

@@ -89,6 +89,8 @@ class CaptureEngine:
         self._scale: LossScale | None = None
         self._batch_size: int | None = None
         self._handles: list[RemovableHandle] = []
+        # id(parameter) -> (parameter, name); the parameter is held so its id cannot be reused
+        self._param_names: dict[int, tuple[nn.Parameter, str]] = {}
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         if not weight_grads:
@@ -254,7 +256,6 @@ class CaptureEngine:
         modules (tied ``wte`` / ``lm_head``) appears once, under its first name, with one contribution
         per module.
         """
-        names = {id(p): clean_name(n) for n, p in unwrap_model(self.model).named_parameters()}
         out: dict[str, list[Contribution]] = {}
         for name in self.records:
             module = self.modules[name]
@@ -263,6 +264,16 @@ class CaptureEngine:
             a = a.to(dt) if a.is_floating_point() else a
             g = g.to(dt)
             for local, contrib in self.math(name, a, g).items():
-                param = getattr(module, local)
-                out.setdefault(names[id(param)], []).append(contrib)
+                out.setdefault(self._param_name(getattr(module, local)), []).append(contrib)
         return out
+
+    def _param_name(self, param: nn.Parameter) -> str:
+        """The model's ``named_parameters()`` name of ``param`` (cached; rebuilt when a parameter is new)."""
+        entry = self._param_names.get(id(param))
+        if entry is None or entry[0] is not param:
+            # named_parameters() yields a tied parameter once, under its first name
+            self._param_names = {
+                id(p): (p, clean_name(n)) for n, p in unwrap_model(self.model).named_parameters()
+            }
+            entry = self._param_names[id(param)]
+        return entry[1]

@@ -238,11 +238,20 @@ def _cross_bar_dots(x: Tensor, bar: Tensor) -> Tensor:
     return (x.reshape(bx * t, d) @ bar.T).reshape(bx, t, bar.shape[0]).transpose(1, 2)  # (Bx, By, T)
 
 
-def _ghost_dense(c1: Outer, c2: Outer, diag: bool) -> Tensor:
-    """Centered ghost inner products of two dense weight terms (see the module docstring)."""
+def _ghost_dense(c1: Outer, c2: Outer, diag: bool, bias_on: Literal["u", "v"] | None = None) -> Tensor:
+    """Centered ghost inner products of two dense weight terms (see the module docstring).
+
+    ``bias_on`` (only for ``c1 is c2``, ``diag``): also add the squared norm of the layer's bias, whose
+    per-sample gradient is the token sum of the weight's ``u`` (``"u"``, ``nn.Linear``) or ``v`` (``"v"``,
+    HF ``Conv1D``) factor. That is the weight with one more column of ones on the other factor,
+    ``[W, b] = sum_t u_t (x) [v_t, 1]``: the ones center to zero, so only the last term changes,
+    ``|u_bar|^2 |v_bar|^2 -> |u_bar|^2 (|v_bar|^2 + 1)``, i.e. ``+ T^2 |u_bar|^2 = |sum_t u_t|^2``, exactly.
+    """
     dt = _work_dtype(c1.u, c1.v, c2.u, c2.v)
     x = _center(c1, dt)
     y = x if c2 is c1 else _center(c2, dt)
+    if bias_on is not None and not (y is x and diag):
+        raise ValueError("bias_on needs the squared norms of one weight term (c1 is c2, diag=True)")
     t, s = x.seq_len, y.seq_len
     main = _accumulate(_gram(x.u, y.u, diag) * _gram(x.v, y.v, diag), (-2, -1))  # (B,) | (Bx, By)
     if diag:
@@ -251,7 +260,13 @@ def _ghost_dense(c1: Outer, c2: Outer, diag: bool) -> Tensor:
         cross_y = (
             cross_x if y is x else _accumulate(_bar_dots(y.u, x.u_bar) * _bar_dots(y.v, x.v_bar), (1,))
         )  # (B,)
-        low = torch.linalg.vecdot(x.u_bar, y.u_bar).double() * torch.linalg.vecdot(x.v_bar, y.v_bar).double()
+        u_low = torch.linalg.vecdot(x.u_bar, y.u_bar).double()  # (B,)
+        v_low = torch.linalg.vecdot(x.v_bar, y.v_bar).double()  # (B,)
+        if bias_on == "u":
+            v_low = v_low + 1.0  # the bias's column of ones on the v side
+        elif bias_on == "v":
+            u_low = u_low + 1.0
+        low = u_low * v_low
     else:
         cross_x = _accumulate(
             _cross_bar_dots(x.u, y.u_bar) * _cross_bar_dots(x.v, y.v_bar), (-1,)
@@ -368,6 +383,60 @@ def sq_norms(cs: list[Contribution], method: NormMethod = "auto") -> Tensor:
                 continue
             term = inner(cs[i], cs[j], diag=True, method=method)
             total = total + (term if i == j else 2 * term)
+    return total
+
+
+def _bias_side(weight: list[Contribution], bias: list[Contribution], method: str) -> Literal["u", "v"] | None:
+    """Which factor of a single ghost weight term the single bias term sums (``None``: no fold)."""
+    if len(weight) != 1 or len(bias) != 1:
+        return None  # a tied or repeated parameter keeps its pairwise products
+    w, b = weight[0], bias[0]
+    if not (isinstance(w, Outer) and isinstance(b, Outer)) or b.v is not None:
+        return None
+    if w.v is None or w.is_index or not _takes_ghost(w, w, method):
+        return None
+    if b.u is w.u:
+        return "u"  # nn.Linear: weight [out, in] = sum_t g (x) a, bias sum_t g
+    if b.u is w.v:
+        return "v"  # HF Conv1D: weight [in, out] = sum_t a (x) g, bias sum_t g
+    return None
+
+
+def total_sq_norms(
+    contribs: dict[str, list[Contribution]], method: NormMethod = "auto", clamp: bool = True
+) -> Tensor:
+    """``(B,)`` squared norm of the per-sample gradient over *all* parameters of ``contribs``.
+
+    Equal to summing :func:`sq_norms` over the parameters, but a ``name.bias`` whose token sum is a factor of
+    ``name.weight``'s ghost term (``nn.Linear``, HF ``Conv1D``) is folded into that term's products
+    (:func:`_ghost_dense`, ``bias_on``), which saves the bias's own pass over the factor. ``clamp``: clip each
+    parameter's (or folded pair's) sum at 0 first (the ghost identity can round a tiny norm below zero).
+
+    Raises:
+        ValueError: ``contribs`` is empty.
+    """
+    _check_method(method)
+    folded: dict[str, Literal["u", "v"]] = {}
+    for name, cs in contribs.items():
+        if name.endswith(".weight") and (bias := contribs.get(name[: -len("weight")] + "bias")) is not None:
+            side = _bias_side(cs, bias, method)
+            if side is not None:
+                folded[name] = side
+    skipped = {name[: -len("weight")] + "bias" for name in folded}
+    total = None
+    for name, cs in contribs.items():
+        if name in skipped:
+            continue
+        if name in folded:
+            c = cs[0]
+            assert isinstance(c, Outer)
+            term = _ghost_dense(c, c, diag=True, bias_on=folded[name])  # (B,)
+        else:
+            term = sq_norms(cs, method)  # (B,)
+        term = term.clamp_min(0) if clamp else term
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("total_sq_norms: no contributions")
     return total
 
 

@@ -16,8 +16,20 @@ import torch
 
 from hf_gradext.errors import UserFacingError
 from hf_gradext.grad.capture import CaptureEngine
-from hf_gradext.grad.loss_scaling import LossScale, shifts_labels, valid_token_counts
+from hf_gradext.grad.loss_scaling import LossScale, valid_token_counts
+from hf_gradext.integrations import loss as loss_integration
 from hf_gradext.integrations.loss import hf_loss_multiplier
+
+
+def trainer_shifts_labels(trainer: Any) -> bool:
+    """:func:`hf_gradext.integrations.loss.shifts_labels` of ``trainer.model``, cached on the trainer.
+
+    Asked once per training microbatch; unwrapping the model through accelerate costs ~60 us per call.
+    """
+    cached = getattr(trainer, "_hf_gradext_shifts_labels", None)
+    if cached is None:
+        cached = trainer._hf_gradext_shifts_labels = loss_integration.shifts_labels(trainer.model)
+    return cached
 
 
 def hf_trainer_loss_scale(
@@ -42,7 +54,7 @@ def hf_trainer_loss_scale(
     else:
         # The real number of loss targets of each sample (HF's own num_items count may differ, e.g. it
         # does not shift for GPT-2 in transformers 5.23; we take num_items_in_batch as given).
-        counts = valid_token_counts(inputs["labels"], shift=shifts_labels(trainer.model))
+        counts = valid_token_counts(inputs["labels"], shift=trainer_shifts_labels(trainer))
 
     # ``mult`` may stay a device scalar: reading it (or the counts) on the host would sync the GPU.
     mult = hf_loss_multiplier(trainer, num_items_in_batch, counts.sum())

@@ -225,7 +225,7 @@ def test_microbatch_counts_are_not_read_on_the_host_before_the_forward():
     from hf_gradext.gqc.loop import _counts
 
     meta = torch.device("meta")
-    trainer = SimpleNamespace(_gqc_shifts_labels=True)
+    trainer = SimpleNamespace(_hf_gradext_shifts_labels=True)
     inputs = {
         "input_ids": torch.zeros(3, 8, dtype=torch.long, device=meta),
         "labels": torch.zeros(3, 8, dtype=torch.long, device=meta),

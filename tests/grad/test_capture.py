@@ -177,3 +177,21 @@ def test_three_argument_math_and_fallback_respect_user_freezing():
         )
         for (name, local), ref in zip([("0", "w"), ("1", "s"), ("2", "weight")], grads):
             assert rel_err(got[name][local][i], ref) <= 1e-12, (name, local)
+
+
+def test_contribution_names_follow_a_replaced_parameter():
+    # The id -> name map is cached across captures; a parameter swapped in later must still get its name.
+    model, batch = tiny_gpt2(), ragged_batch()
+    engine = CaptureEngine(model, "mlp")
+    _run(engine, model, batch, batch)
+    first = set(engine.contributions())
+    engine.records = {}
+    fc = model.transformer.h[0].mlp.c_fc
+    fc.weight = nn.Parameter(fc.weight.detach().clone())
+    model.zero_grad()
+    _run(engine, model, batch, batch)
+    got = engine.contributions()
+    assert set(got) == first and "transformer.h.0.mlp.c_fc.weight" in got
+    ref = per_sample_gradients(model, batch, layers="mlp", dtype=torch.float64)
+    for name, cs in got.items():
+        assert rel_err(materialize_sum(cs), ref[name]) <= 1e-6, name

@@ -15,6 +15,7 @@ from hf_gradext.grad.factors import (
     materialize,
     materialize_sum,
     sq_norms,
+    total_sq_norms,
 )
 from hf_gradext.grad.sparse import SparseRowGrad
 
@@ -158,3 +159,81 @@ def test_as_tokens_flattens_token_dims_with_explicit_sizes():
     assert as_tokens(torch.zeros(4, 5)).shape == (4, 1, 5)
     assert as_token_ids(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
     assert as_token_ids(torch.zeros(4, dtype=torch.long)).shape == (4, 1)
+
+
+def _layers(b=3, t=4, d_in=10, d_out=7, ghost=True):
+    """A Linear and a Conv1D (weight + bias each, sharing the output-gradient factor as the math does),
+    a tied embedding/head pair and a LayerNorm-like dense term, with their float64 per-sample gradients."""
+    gen = torch.Generator().manual_seed(1)
+    if not ghost:
+        t = 12  # 2 T^2 >= m n: the weights are materialized
+    a, g = torch.randn(b, t, d_in, generator=gen, dtype=D), torch.randn(b, t, d_out, generator=gen, dtype=D)
+    a2, g2 = torch.randn(b, t, d_in, generator=gen, dtype=D), torch.randn(b, t, d_out, generator=gen, dtype=D)
+    emb, head, dense = _contribs(b=b)
+    contribs = {
+        "fc.weight": [Outer(u=g, v=a, m=d_out)],  # nn.Linear [out, in]
+        "fc.bias": [Outer(u=g, v=None, m=d_out)],
+        "proj.weight": [Outer(u=a2, v=g2, m=d_in)],  # HF Conv1D [in, out]
+        "proj.bias": [Outer(u=g2, v=None, m=d_out)],
+        "wte.weight": [emb, head],
+        "ln.weight": [dense],
+    }
+    grads = [
+        torch.einsum("bto,bti->boi", g, a),
+        g.sum(1),
+        torch.einsum("bti,bto->bio", a2, g2),
+        g2.sum(1),
+        _dense(emb) + _dense(head),
+        dense.value,
+    ]
+    oracle = sum(x.flatten(1).pow(2).sum(1) for x in grads)  # (B,)
+    return contribs, oracle
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+@pytest.mark.parametrize("method", ["auto", "ghost", "materialize"])
+def test_total_sq_norms_folds_biases_exactly(ghost, method, monkeypatch):
+    from hf_gradext.grad import factors
+
+    contribs, oracle = _layers(ghost=ghost)
+    folds = []
+    real = factors._ghost_dense
+
+    def spy(c1, c2, diag, bias_on=None):
+        folds.append(bias_on)
+        return real(c1, c2, diag, bias_on)
+
+    monkeypatch.setattr(factors, "_ghost_dense", spy)
+    got = total_sq_norms(contribs, method)
+    assert rel_err(got, oracle) <= 1e-12
+    want_folds = 2 if method == "ghost" or (method == "auto" and ghost) else 0
+    assert sorted(f for f in folds if f) == (["u", "v"] if want_folds else [])
+    per_parameter = sum(sq_norms(cs, method) for cs in contribs.values())
+    assert rel_err(got, per_parameter) <= 1e-12
+
+
+def test_total_sq_norms_keeps_a_bias_that_is_not_its_weights_factor():
+    gen = torch.Generator().manual_seed(2)
+    a, g = torch.randn(2, 3, 10, generator=gen, dtype=D), torch.randn(2, 3, 7, generator=gen, dtype=D)
+    other = torch.randn(2, 3, 7, generator=gen, dtype=D)  # equal in shape, a different tensor
+    contribs = {"fc.weight": [Outer(u=g, v=a, m=7)], "fc.bias": [Outer(u=other, v=None, m=7)]}
+    oracle = torch.einsum("bto,bti->boi", g, a).flatten(1).pow(2).sum(1) + other.sum(1).pow(2).sum(1)
+    assert rel_err(total_sq_norms(contribs), oracle) <= 1e-12
+
+
+def test_total_sq_norms_clips_each_term_before_summing(monkeypatch):
+    from hf_gradext.grad import factors
+
+    neg, pos = Dense(torch.zeros(2, 1, dtype=D)), Dense(torch.zeros(2, 1, dtype=D))
+    rounded = {id(neg): torch.tensor([-1.0, 2.0], dtype=D), id(pos): torch.tensor([3.0, 4.0], dtype=D)}
+    monkeypatch.setattr(factors, "sq_norms", lambda cs, method="auto": rounded[id(cs[0])])
+    contribs = {"a": [neg], "b": [pos]}
+    assert torch.equal(total_sq_norms(contribs), torch.tensor([3.0, 6.0], dtype=D))
+    assert torch.equal(total_sq_norms(contribs, clamp=False), torch.tensor([2.0, 6.0], dtype=D))
+
+
+def test_total_sq_norms_refuses_nothing_and_unknown_methods():
+    with pytest.raises(ValueError, match="no contributions"):
+        total_sq_norms({})
+    with pytest.raises(ValueError, match="method"):
+        total_sq_norms({"w": [Dense(torch.zeros(2, 3))]}, method="fast")  # type: ignore[arg-type]
