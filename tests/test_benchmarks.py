@@ -133,3 +133,21 @@ def test_norm_share_matches_a_hand_count():
     # training: 3*2*(3+1+1+1) + 3*2*2*2*1 (attention) + 3*2*1 = 36 + 24 + 6 = 66
     # norms: min(4*4, 2*3) + 3*min(4*2, 2*1) + min(4*2, 2*1) = 6 + 6 + 2 = 14
     assert module.norm_share(2, 1, 1, 1, ff_mult=1) == pytest.approx(14 / 66)
+
+
+def test_write_csv_append_keeps_the_existing_bytes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    common = load_script(BENCH_DIR / "_common.py")
+    row = dict.fromkeys(common.CSV_FIELDS, "x")
+    path = tmp_path / "rows.csv"
+    # rows of earlier runs, with the csv module's CRLF and one LF line (files edited by hand mix them)
+    earlier = ",".join(common.CSV_FIELDS).encode() + b"\r\n" + b"a,b,c,1,u,d,t,tr,day,cfg\n"
+    path.write_bytes(earlier)
+    common.write_csv(path, [row], append=True)
+    data = path.read_bytes()
+    assert data.startswith(earlier)
+    assert list(csv.DictReader(data[len(earlier) :].decode().splitlines(), fieldnames=common.CSV_FIELDS)) == [
+        row
+    ]
+    common.write_csv(path, [row])  # without append: header + the rows only
+    assert list(csv.DictReader(path.read_text().splitlines())) == [row]

@@ -91,7 +91,8 @@ def write_csv(path: str | os.PathLike, rows: Iterable[dict[str, Any]], append: b
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as handle:
         if append and path.exists():
-            handle.write(path.read_text())
+            with path.open(newline="") as existing:  # the rows as they are: no line-ending rewrite
+                handle.write(existing.read())
         else:
             csv.DictWriter(handle, fieldnames=CSV_FIELDS).writeheader()
         csv.DictWriter(handle, fieldnames=CSV_FIELDS).writerows(rows)
