@@ -133,6 +133,8 @@ def test_norm_share_matches_a_hand_count():
     # training: 3*2*(3+1+1+1) + 3*2*2*2*1 (attention) + 3*2*1 = 36 + 24 + 6 = 66
     # norms: min(4*4, 2*3) + 3*min(4*2, 2*1) + min(4*2, 2*1) = 6 + 6 + 2 = 14
     assert module.norm_share(2, 1, 1, 1, ff_mult=1) == pytest.approx(14 / 66)
+    # LayerNorms: 2*1 + 1 = 3 of them, each 5*T*d + 2*d = 10 + 2 = 12
+    assert module.layer_norm_share(2, 1, 1, 1, ff_mult=1) == pytest.approx(36 / 66)
 
 
 def test_write_csv_append_keeps_the_existing_bytes(tmp_path, monkeypatch):

@@ -170,6 +170,15 @@ class GQCArguments:
             "(docs/gqc.md). Cuts the capture cost about N-fold; 1: measure every microbatch."
         },
     )
+    gqc_sample_norm_layers: str = field(
+        default="all",
+        metadata={
+            "help": "gns_sample: which modules' per-sample gradient norms give the noise scale (all|attn|mlp|"
+            "embed|norm or a module-name regex, comma-separated); the window's gradient norm is then taken "
+            "over the same parameters. 'norm' (LayerNorm/RMSNorm only) costs a fraction of 'all' "
+            "(docs/gqc.md). Default all: every trainable parameter."
+        },
+    )
     # ---- LR coupled to the window size (docs/gqc.md, hf_gradext/gqc/lr_coupling.py)
     gqc_lr_coupling: str = field(
         default="none",
@@ -224,6 +233,16 @@ class GQCArguments:
         if self.gqc_sample_norm_every != 1 and self.gqc != "gns_sample":
             raise UserFacingError(
                 f"--gqc_sample_norm_every {self.gqc_sample_norm_every} applies to --gqc gns_sample only "
+                f"(got --gqc {self.gqc}); drop it or use --gqc gns_sample"
+            )
+        layers = str(self.gqc_sample_norm_layers or "").strip(" ,")
+        if not layers:
+            raise UserFacingError(
+                "--gqc_sample_norm_layers is empty; pass all|attn|mlp|embed|norm or a module-name regex"
+            )
+        if layers != "all" and self.gqc != "gns_sample":
+            raise UserFacingError(
+                f"--gqc_sample_norm_layers {layers} applies to --gqc gns_sample only "
                 f"(got --gqc {self.gqc}); drop it or use --gqc gns_sample"
             )
         if self.gqc == "none":

@@ -44,6 +44,9 @@ class Observation:
             microbatch (its per-sample norms were not captured, ``--gqc_sample_norm_every``): gns_sample
             imputes ``sq_sum`` from the last measured microbatch.
         lr_factor: the LR scheduler's factor (LR / initial LR) at the window's first microbatch (seesaw).
+        sample_mean_grad_norm: norm of the window's mean gradient over only the parameters the per-sample
+            norms cover (``--gqc_sample_norm_layers``); ``None``: they cover every parameter, use
+            ``mean_grad_norm``.
     """
 
     k: int
@@ -57,6 +60,7 @@ class Observation:
     sample_weights: torch.Tensor | None = None
     sample_norms_measured: bool = True
     lr_factor: float | None = None
+    sample_mean_grad_norm: float | None = None
 
 
 class Controller(ABC):
@@ -260,7 +264,9 @@ class GNSSample(Controller):
         if obs.sample_norms_measured and stats.count > 0:
             self.last_mean_sq = stats.mean_sq
         self.window = self.window + stats
-        est = estimate_noise(self.window, obs.mean_grad_norm**2)
+        # |G_w|^2 over the same parameters as the per-sample norms (a layer subset: its own norm)
+        mean_norm = obs.mean_grad_norm if obs.sample_mean_grad_norm is None else obs.sample_mean_grad_norm
+        est = estimate_noise(self.window, mean_norm**2)
         self._window_estimate = est
         if est is None:
             return False

@@ -111,6 +111,7 @@ class GQCCore:
         sample_weights: torch.Tensor | None = None,
         sample_norms_measured: bool = True,
         lr_factor: float | None = None,
+        sample_mean_grad_norm: float | None = None,
     ) -> Decision:
         """Decide on the window after ``add_microbatch``; a step or skip closes the window.
 
@@ -126,6 +127,8 @@ class GQCCore:
             sample_norms_measured: False when ``sample_stats`` carries only count and weights (the
                 microbatch was not captured, ``--gqc_sample_norm_every``).
             lr_factor: the LR scheduler's LR over its initial LR at the window's first microbatch (seesaw).
+            sample_mean_grad_norm: the window's mean-gradient norm over only the parameters the per-sample
+                norms cover, when that is a subset (``--gqc_sample_norm_layers``; global).
         """
         if self.window_k < 1:
             raise RuntimeError("decide() called before add_microbatch()")
@@ -142,6 +145,7 @@ class GQCCore:
             sample_weights=sample_weights,
             sample_norms_measured=sample_norms_measured,
             lr_factor=lr_factor,
+            sample_mean_grad_norm=sample_mean_grad_norm,
         )
         nonfinite = nonfinite or not math.isfinite(mean_grad_norm)
         if nonfinite:

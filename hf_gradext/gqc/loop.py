@@ -251,7 +251,11 @@ def _run_epoch(
     if core.controller.needs_sample_norms and capture is None:
         # Hooks on every module owning a trainable parameter: the per-sample norms then cover exactly the
         # parameters of the tested norm below (``params``). Built once per trainer, like the tracker.
-        capture = trainer._gqc_sample_capture = SampleNormCapture(trainer.model)
+        # --gqc_sample_norm_layers picks a subset; the window norm is then also taken over its parameters.
+        capture = trainer._gqc_sample_capture = SampleNormCapture(
+            trainer.model, getattr(args, "gqc_sample_norm_layers", "all")
+        )
+    subset = capture.params if capture is not None and not capture.covers_all else None
 
     grad_norm: float | None = None
     learning_rate: float | None = None
@@ -268,9 +272,11 @@ def _run_epoch(
     stopped_by_budget, exhausted = False, has_next < world
     # Post-backward reduction layout: [non-finite flag, loss, ||grad||^2, label items, input tokens,
     # samples, ranks with a next microbatch, per-rank microbatch norm (world), per-rank metric (world),
-    # per-sample statistics (4, gns_sample only: additive, so the sum over ranks is the global one)].
+    # per-sample statistics (4, gns_sample only: additive, so the sum over ranks is the global one),
+    # ||grad||^2 over the per-sample norms' parameters (1, only when they are a subset)].
     norms_at, metrics_at, samples_at = 7, 7 + world, 7 + 2 * world
-    vec_size = samples_at + (VECTOR_SIZE if capture is not None else 0)
+    subset_at = samples_at + (VECTOR_SIZE if capture is not None else 0)
+    vec_size = subset_at + (1 if subset is not None else 0)
     window_factor: float | None = None  # LR scheduler factor at the current window's first microbatch
     while has_next >= world:
         upcoming = fetch()
@@ -315,9 +321,11 @@ def _run_epoch(
         if capture is not None:
             weights = sample_weights(current, _shifts_labels(trainer), sum_loss)  # (B,) or None
             # Unmeasured: exact count and weights (from the labels), sq_sum 0; the controller imputes it.
-            vec[samples_at:] = (
+            vec[samples_at:subset_at] = (
                 capture.vector(weights) if measured else weight_vector(weights, int(local_samples), device)
             )
+        if subset is not None:
+            vec[subset_at] = total_norm(grads_of(subset)).to(device=device, dtype=torch.float64) ** 2 / world
         vals = _all_reduce_sum(vec, trainer).tolist()
         core.add_microbatch(items=vals[3], tokens=vals[4], samples=int(vals[5]))
         run.microbatches_in_epoch += 1
@@ -335,9 +343,14 @@ def _run_epoch(
             microbatch_norms=vals[norms_at:metrics_at] if tracker is not None else (),
             metrics=vals[metrics_at:samples_at] if needs_metrics else (),
             force=last,
-            sample_stats=SampleNormStats.from_vector(vals[samples_at:]) if capture is not None else None,
+            sample_stats=SampleNormStats.from_vector(vals[samples_at:subset_at])
+            if capture is not None
+            else None,
             sample_norms_measured=measured or capture is None,
             lr_factor=window_factor,
+            sample_mean_grad_norm=math.sqrt(max(vals[subset_at], 0.0)) * factor
+            if subset is not None
+            else None,
         )
         trainer.state.epoch = epoch + run.microbatches_in_epoch / steps_in_epoch
 

@@ -11,6 +11,11 @@ Because selection ``"all"`` hooks every module owning a trainable parameter, the
 exactly the parameters of the loop's tested mean-gradient norm (every parameter with
 ``requires_grad``), as :func:`hf_gradext.gqc.noise.estimate_noise` requires.
 
+``--gqc_sample_norm_layers SPEC`` (a :mod:`hf_gradext.grad.selection` spec, e.g. ``norm``) hooks only those
+modules: the noise scale is then that of their parameters alone, ``tr(Sigma_S) / |G_S|^2``, so the loop
+also measures the window's mean-gradient norm over exactly :attr:`SampleNormCapture.params`
+(Gray et al. 2024 find the LayerNorm parameters' noise scale tracks the whole model's).
+
 Weights (the samples' raw weights in the window's mean gradient, see :mod:`hf_gradext.gqc.noise`):
 
 * token-sum loss (the loop's default, ``num_items_in_batch=1``): the window gradient is the token mean
@@ -72,11 +77,21 @@ class SampleNormCapture:
 
     Args:
         model: the trained model (plain or wrapped; hooks go on its inner modules and survive DDP wrapping).
+        layers: which modules (:mod:`hf_gradext.grad.selection`); ``"all"``: every module owning a trainable
+            parameter.
+
+    Attributes:
+        params: the trainable parameters the per-sample norms cover (each once, in model order).
+        covers_all: ``params`` are all of the model's trainable parameters.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.engine = CaptureEngine(model, "all", keep=True)
+    def __init__(self, model: torch.nn.Module, layers: str = "all") -> None:
+        self.engine = CaptureEngine(model, layers, keep=True)
         self._observer = TrainingCaptureObserver(self.engine)
+        owned = {id(p) for m in self.engine.modules.values() for p in m.parameters(recurse=False)}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.params: list[torch.nn.Parameter] = [p for p in trainable if id(p) in owned]
+        self.covers_all = len(self.params) == len(trainable)
 
     @contextmanager
     def microbatch(

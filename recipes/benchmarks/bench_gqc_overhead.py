@@ -5,8 +5,9 @@ Variants, all over the same data with windows of exactly ``GA`` microbatches:
   gqc_sbc     --gqc sbc, logical batch = GA x batch: GQC loop, decision without gradient norms
   gqc_gnts    --gqc gnts --gqc_threshold_start 0 --gqc_max_microbatches GA: every microbatch computes
               the window's gradient norm (one foreach norm + one host sync) and the window ends at the cap
-  gqc_gns_sample[_everyN]
-              --gqc gns_sample --gqc_threshold_start 0 --gqc_max_microbatches GA [--gqc_sample_norm_every N]:
+  gqc_gns_sample[_everyN|_norm]
+              --gqc gns_sample --gqc_threshold_start 0 --gqc_max_microbatches GA [--gqc_sample_norm_every N]
+              [--gqc_sample_norm_layers norm]:
               as gqc_gnts plus per-sample gradient norms (ghost norms from the training backward) on every
               (N-th) microbatch; tolerance 0 never passes on this random data, so windows end at the cap too
               (the optimizer_steps rows show it). Reported as overhead_vs_gnts.
@@ -54,6 +55,7 @@ SAMPLE_NORM_EVERY = {
     "gqc_gns_sample_every4": 4,
     "gqc_gns_sample_every16": 16,
     "gqc_gns_sample_every64": 64,
+    "gqc_gns_sample_norm": 1,  # LayerNorm parameters only (--gqc_sample_norm_layers norm)
 }
 VARIANTS = ("stock", "gqc_sbc", "gqc_gnts", *SAMPLE_NORM_EVERY)
 
@@ -90,6 +92,7 @@ def _variant_args(name: str) -> dict:
             "gqc_threshold_start": 0.0,
             "gqc_max_microbatches": GA,
             "gqc_sample_norm_every": SAMPLE_NORM_EVERY[name],
+            "gqc_sample_norm_layers": "norm" if name.endswith("_norm") else "all",
         }
     return {"gqc": "gnts", "gqc_threshold_start": 0.0, "gqc_max_microbatches": GA}
 

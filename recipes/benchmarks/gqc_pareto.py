@@ -16,7 +16,8 @@ Variants (``--variants`` takes a comma list of these names; every name is parsed
                              microbatches, so 1 until the threshold passes B), sqrt(k) LR
   gns_sample_tol{v}_sqrt     gns_sample (per-sample noise scale), tolerance v, sqrt(k) LR; append
                              ``_every{N}`` to measure the norms on every N-th microbatch only
-                             (--gqc_sample_norm_every N)
+                             (--gqc_sample_norm_every N), or ``_norm`` to measure them on the
+                             LayerNorm parameters only (--gqc_sample_norm_layers norm)
   seesaw_k{k0}_cap{c}        Seesaw (--gqc seesaw): k0 microbatches, doubled where the cosine LR would
                              halve (up to the cap c), LR x 1/sqrt(2) per doubling; peak LR = LR0 x sqrt(k0)
   suffix ``_none`` instead of ``_sqrt``: the controller without LR coupling (peak LR0).
@@ -107,11 +108,12 @@ def variant_args(name: str, n: int, lr0: float) -> tuple[dict[str, Any], str]:
             "learning_rate": lr,
         }
         return {**common, **kw}, f"seesaw k0={k0} cap={cap}, peak lr={lr:.4g}"
-    m = re.fullmatch(r"(gnts_rel|sbc_to|gns_sample_tol)([\d.]+)_(sqrt|none)(?:_every(\d+))?", name)
-    if not m or (m[4] and m[1] != "gns_sample_tol"):
+    m = re.fullmatch(r"(gnts_rel|sbc_to|gns_sample_tol)([\d.]+)_(sqrt|none)(?:_every(\d+))?(_norm)?", name)
+    if not m or ((m[4] or m[5]) and m[1] != "gns_sample_tol"):
         raise SystemExit(f"unknown variant {name!r}; see the module docstring for the names")
     kind, value, coupling = m[1], float(m[2]), m[3]
     every = int(m[4]) if m[4] else 1
+    layers = "norm" if m[5] else "all"
     kw = {"learning_rate": lr0, "gqc_lr_coupling": coupling}
     if coupling == "sqrt":
         kw["gqc_lr_coupling_k0"] = 1
@@ -126,6 +128,9 @@ def variant_args(name: str, n: int, lr0: float) -> tuple[dict[str, Any], str]:
         what = f"gns_sample tolerance {value:g}" + (
             f", norms every {every} microbatches" if every > 1 else ""
         )
+        if layers != "all":
+            kw["gqc_sample_norm_layers"] = layers
+            what += f", norms of the {layers} layers only"
     cap = kw.get("gqc_max_microbatches", CAP)
     return {**common, **kw}, f"{what}, lr {lr0:.4g} coupled {coupling}(k/1), cap {cap}"
 

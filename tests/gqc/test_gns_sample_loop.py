@@ -54,9 +54,10 @@ def _windows(trainer):
     return [e["gqc/microbatches"] for e in trainer.state.log_history if "gqc/microbatches" in e]
 
 
-def _oracle_per_sample(model64, mb):
-    """(B, P) float64 gradients of each sample's own mean token loss over every parameter; (B,) label counts."""
-    params = [p for p in model64.parameters() if p.requires_grad]
+def _oracle_per_sample(model64, mb, keep=lambda name: True):
+    """(B, P) float64 gradients of each sample's own mean token loss over the parameters whose name
+    ``keep`` accepts (default: all); (B,) label counts."""
+    params = [p for n, p in model64.named_parameters() if p.requires_grad and keep(n)]
     rows, counts = [], []
     for i in range(mb["input_ids"].shape[0]):
         ids, labels = mb["input_ids"][i : i + 1], mb["labels"][i : i + 1]
@@ -77,11 +78,19 @@ def _oracle_per_sample(model64, mb):
     return torch.stack(rows), torch.tensor(counts, dtype=torch.float64)
 
 
-def test_loop_per_sample_norms_and_window_statistics_equal_a_float64_oracle(tmp_path, monkeypatch):
+LAYER_SUBSETS = {
+    "all": lambda name: True,
+    "norm": lambda name: ".ln_" in name or name.startswith("transformer.ln_f"),  # GPT-2's LayerNorms
+    r"h\.1\.mlp": lambda name: ".h.1.mlp." in name,  # a regex: one block's MLP (weights and biases)
+}
+
+
+@pytest.mark.parametrize("layers", list(LAYER_SUBSETS))
+def test_loop_per_sample_norms_and_window_statistics_equal_a_float64_oracle(tmp_path, monkeypatch, layers):
     data = token_dataset(24, ragged=True)
     data[2]["labels"][:] = -100  # a sample without label tokens: weight 0, not counted
     init = tiny_model()
-    seen_sq, seen_obs = [], []
+    seen_sq, seen_obs, seen_est = [], [], []
     real_sq, real_decide = SampleNormCapture.sq_norms, GNSSample.decide
 
     def record_sq(self):
@@ -91,7 +100,9 @@ def test_loop_per_sample_norms_and_window_statistics_equal_a_float64_oracle(tmp_
 
     def record_decide(self, obs):
         seen_obs.append(obs)
-        return real_decide(self, obs)
+        out = real_decide(self, obs)
+        seen_est.append(self._window_estimate)
+        return out
 
     monkeypatch.setattr(SampleNormCapture, "sq_norms", record_sq)
     monkeypatch.setattr(GNSSample, "decide", record_decide)
@@ -105,12 +116,18 @@ def test_loop_per_sample_norms_and_window_statistics_equal_a_float64_oracle(tmp_
         gqc_threshold_start=0.0,
         gqc_max_microbatches=3,
         max_steps=1,
+        gqc_sample_norm_layers=layers,
     )
     assert _windows(trainer) == [3]
+    keep = LAYER_SUBSETS[layers]
+    covered = {n for n, p in trainer.model.named_parameters() if keep(n)}
+    assert covered and {id(p) for p in trainer._gqc_sample_capture.params} == {
+        id(p) for n, p in trainer.model.named_parameters() if n in covered
+    }
     model64 = copy.deepcopy(init).double()
     window_grads, window_counts = [], []
     for j, mb in enumerate(rec.inputs[:3]):
-        grads, counts = _oracle_per_sample(model64, mb)  # (B, P), (B,)
+        grads, counts = _oracle_per_sample(model64, mb, keep)  # (B, P), (B,)
         torch.testing.assert_close(seen_sq[j].double(), grads.pow(2).sum(1), rtol=2e-4, atol=1e-7)
         window_grads.append(grads)
         window_counts.append(counts)
@@ -123,9 +140,15 @@ def test_loop_per_sample_norms_and_window_statistics_equal_a_float64_oracle(tmp_
         g = torch.cat(window_grads)  # (N, P) every sample of the window so far
         n = torch.cat(window_counts)  # (N,)
         g_w = (n[:, None] * g).sum(0) / n.sum()  # (P,) the window's token-mean gradient
-        assert seen_obs[j].mean_grad_norm == pytest.approx(float(g_w.norm()), rel=1e-4)
+        # the window norm the noise estimate uses: over the same parameters as the per-sample norms
+        window_norm = seen_obs[j].mean_grad_norm if layers == "all" else seen_obs[j].sample_mean_grad_norm
+        assert (seen_obs[j].sample_mean_grad_norm is None) == (layers == "all")
+        assert window_norm == pytest.approx(float(g_w.norm()), rel=1e-4)
         # the estimate the controller decided on, against the closed form from explicit gradients
-        est = noise.estimate_noise(stats, seen_obs[j].mean_grad_norm ** 2)
+        est = noise.estimate_noise(stats, window_norm**2)
+        decided = seen_est[j]  # what the controller itself computed from the same inputs
+        assert decided.trace_sigma == pytest.approx(est.trace_sigma, rel=1e-9)
+        assert decided.signal_sq == pytest.approx(est.signal_sq, rel=1e-9)
         real = n.gt(0)
         s, m, w2 = float(g[real].pow(2).sum(1).mean()), float(g_w @ g_w), float((n**2).sum() / n.sum() ** 2)
         assert est.trace_sigma == pytest.approx((s - m) / (1 - w2), rel=1e-3)
@@ -164,3 +187,31 @@ def test_gns_sample_needs_labels_for_its_capture(tmp_path):
     data = [{"input_ids": r["input_ids"]} for r in token_dataset(8)]
     with pytest.raises(UserFacingError, match="labels"):
         _train(tmp_path, data, gqc_threshold_start=1.0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [
+        (
+            {"gqc": "gnts", "gqc_sample_norm_layers": "norm"},
+            r"--gqc_sample_norm_layers norm applies to --gqc gns_sample",
+        ),
+        ({"gqc": "gns_sample", "gqc_sample_norm_layers": " , "}, r"--gqc_sample_norm_layers is empty"),
+    ],
+)
+def test_layers_flag_refused_at_parse_time_in_one_line(tmp_path, kw, pattern):
+    from hf_gradext.arguments import GradExtArguments
+    from hf_gradext.errors import UserFacingError
+
+    with pytest.raises(UserFacingError, match=pattern) as info:
+        GradExtArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+    assert "\n" not in str(info.value)
+
+
+def test_layers_matching_no_module_are_refused_before_the_first_microbatch(tmp_path):
+    from hf_gradext.errors import UserFacingError
+
+    rec = _Recorder()
+    with pytest.raises(UserFacingError, match="'nothing_here' matches no module") as info:
+        _train(tmp_path, token_dataset(8), observers=[rec], gqc_sample_norm_layers="nothing_here")
+    assert "\n" not in str(info.value) and rec.inputs == []
