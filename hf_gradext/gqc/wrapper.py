@@ -31,6 +31,7 @@ rank decides from identical numbers: the same decisions on every rank, one all-r
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -76,6 +77,25 @@ def _world(distributed_mode: str | None, group: Any) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _sample_norm_subset(
+    params: Iterable[torch.nn.Parameter] | None, optimized: list[torch.nn.Parameter], ctrl: Controller
+) -> list[torch.nn.Parameter] | None:
+    """The checked ``sample_norm_params`` (None when not given or when they are all of ``optimized``)."""
+    if params is None:
+        return None
+    subset = list(params)
+    if not ctrl.needs_sample_norms:
+        raise UserFacingError(
+            f"GQCOptimizer: sample_norm_params applies to the gns_sample controller only (got {ctrl.name}); drop it"
+        )
+    ids = {id(p) for p in optimized}
+    if not subset or any(id(p) not in ids for p in subset):
+        raise UserFacingError(
+            "GQCOptimizer: sample_norm_params must be a non-empty subset of the wrapped optimizer's parameters"
+        )
+    return None if len({id(p) for p in subset}) == len(ids) else subset
+
+
 class GQCOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer``; ``step()`` after every microbatch backward, never ``zero_grad()``.
 
@@ -90,6 +110,10 @@ class GQCOptimizer(torch.optim.Optimizer):
         distributed_mode: None (detect: reduce over the default group when torch.distributed is
             initialized) or ``"replicated"`` (DDP); ``"sharded"`` raises.
         process_group: the group to reduce over (default: the world).
+        sample_norm_params: ``gns_sample`` with per-sample norms of only these parameters (a subset of the
+            optimizer's, e.g. the LayerNorms'): the window's mean-gradient norm for the noise estimate is
+            then taken over them too (:mod:`hf_gradext.gqc.sample_norms`). None: the norms cover every
+            parameter of the optimizer.
     """
 
     # Optimizer.__init__ is deliberately not called: it would copy the param groups into new dicts, and a
@@ -105,6 +129,7 @@ class GQCOptimizer(torch.optim.Optimizer):
         physical_batch_size: int | None = None,
         distributed_mode: str | None = None,
         process_group: Any = None,
+        sample_norm_params: Iterable[torch.nn.Parameter] | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserFacingError(
@@ -127,6 +152,7 @@ class GQCOptimizer(torch.optim.Optimizer):
         self.world_size, self.rank = _world(distributed_mode, process_group)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._tracker = MicrobatchNormTracker(self._params) if ctrl.needs_microbatch_norms else None
+        self._subset = _sample_norm_subset(sample_norm_params, self._params, ctrl)
         self._mode: str | None = None  # "mean" (divide by k) or "items" (divide by items); fixed per window
         self.last_decision: Decision | None = None
         self.last_num_draws: int | None = None  # microbatches of the last optimizer step (torch-gqc)
@@ -285,7 +311,8 @@ class GQCOptimizer(torch.optim.Optimizer):
         world, ctrl = self.world_size, self.core.controller
         device = self._params[0].device if self._params else torch.device("cpu")
         # Everything the decision needs, in one float64 vector: one host read (and one all-reduce).
-        vec = torch.zeros(_HEAD + 3 * world, dtype=torch.float64, device=device)
+        subset_at = _HEAD + 3 * world  # ||grad||^2 over sample_norm_params, summed over ranks / world
+        vec = torch.zeros(subset_at + (self._subset is not None), dtype=torch.float64, device=device)
         metric_f = float(metric) if metric is not None else 0.0
         vec[_NONFINITE] = float(metric is not None and not math.isfinite(metric_f))
         vec[_ITEMS] = float(num_items or 0.0)
@@ -297,6 +324,10 @@ class GQCOptimizer(torch.optim.Optimizer):
             mb = self._tracker.pop_tensor()
             vec[_HEAD + world + self.rank] = mb / num_items if num_items else mb
         vec[_HEAD + 2 * world + self.rank] = metric_f
+        if self._subset is not None:
+            vec[subset_at] = (
+                total_norm(grads_of(self._subset)).to(device=device, dtype=torch.float64) ** 2 / world
+            )
         if world > 1:
             torch.distributed.all_reduce(vec, group=self.process_group)
         vals = vec.tolist()
@@ -317,8 +348,11 @@ class GQCOptimizer(torch.optim.Optimizer):
             mean_norm,
             nonfinite=vals[_NONFINITE] > 0,
             microbatch_norms=vals[_HEAD + world : _HEAD + 2 * world] if self._tracker is not None else (),
-            metrics=vals[_HEAD + 2 * world :] if ctrl.needs_metrics else (),
+            metrics=vals[_HEAD + 2 * world : subset_at] if ctrl.needs_metrics else (),
             sample_stats=reduced_stats,
+            sample_mean_grad_norm=(
+                math.sqrt(max(vals[subset_at], 0.0)) * factor if self._subset is not None else None
+            ),
         )
         self.last_decision = d
         if d.step:

@@ -178,3 +178,48 @@ def test_wrapper_with_per_sample_norms_of_a_real_model_matches_explicit_per_samp
         assert stats["trace_sigma"] == pytest.approx(trace, rel=1e-6)
         assert stats["signal_sq"] == pytest.approx(float(gbar @ gbar) - trace / len(full), rel=1e-6)
     assert opt.last_decision.reason == "cap"
+
+
+def test_wrapper_with_norms_of_a_parameter_subset_takes_the_window_norm_over_that_subset():
+    # Two layers, per-sample norms of the second only: the estimate must use |G_w|^2 of the second layer too.
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    params, subset = list(model.parameters()), list(model[2].parameters())
+    opt = GQCOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        "gns_sample",
+        threshold=1e-9,
+        max_microbatches=3,
+        sample_norm_params=subset,
+    )
+    window = []
+    for _ in range(3):
+        x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+        rows = []
+        for i in range(5):  # explicit per-sample gradients of the subset (the oracle)
+            gi = torch.autograd.grad(torch.nn.functional.mse_loss(model(x[i : i + 1]), y[i : i + 1]), subset)
+            rows.append(torch.cat([t.flatten() for t in gi]))
+        window.append(torch.stack(rows))  # (B, P_subset)
+        torch.nn.functional.mse_loss(model(x), y).backward()  # microbatch mean loss, every parameter
+        opt.step(sample_sq_norms=window[-1].pow(2).sum(1))
+        full = torch.cat(window)
+        gbar = full.mean(0)
+        trace = float(((full - gbar) ** 2).sum() / (len(full) - 1))
+        stats = opt.statistics()
+        assert stats["trace_sigma"] == pytest.approx(trace, rel=1e-6)
+        assert stats["signal_sq"] == pytest.approx(float(gbar @ gbar) - trace / len(full), rel=1e-6)
+
+
+def test_wrapper_refuses_a_bad_sample_norm_subset():
+    model = torch.nn.Linear(3, 1)
+    other = torch.nn.Linear(3, 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserFacingError, match="subset of the wrapped optimizer"):
+        GQCOptimizer(sgd, "gns_sample", sample_norm_params=list(other.parameters()))
+    with pytest.raises(UserFacingError, match="subset of the wrapped optimizer"):
+        GQCOptimizer(sgd, "gns_sample", sample_norm_params=[])
+    with pytest.raises(UserFacingError, match="gns_sample controller only"):
+        GQCOptimizer(sgd, "gnts", sample_norm_params=[model.weight])
+    assert (
+        GQCOptimizer(sgd, "gns_sample", sample_norm_params=model.parameters())._subset is None
+    )  # all of them
