@@ -47,6 +47,7 @@ CASES = {  # script -> (extra flags, environment, variants the CSV must hold)
         {},
         {"ga1_lr1/all", "sbc_to4_sqrt/all", "gns_sample_tol4_sqrt/all", "seesaw_k1_cap4/all"},
     ),
+    "gqc_critical_batch.py": (["--smoke"], {}, {"seed0", "all"}),
     "gqc_quality.py": (
         [],
         {
@@ -153,3 +154,32 @@ def test_write_csv_append_keeps_the_existing_bytes(tmp_path, monkeypatch):
     ]
     common.write_csv(path, [row])  # without append: header + the rows only
     assert list(csv.DictReader(path.read_text().splitlines())) == [row]
+
+
+def test_best_allocation_matches_a_brute_force_search(monkeypatch):
+    import itertools
+
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    module = load_script(BENCH_DIR / "gqc_critical_batch.py")
+    fractions, b_noise, batch = [0.3, 0.3, 0.4], [2.0, 15.0, 60.0], 8.0
+    ms, kept = module.best_allocation(fractions, b_noise, batch, step_ratio=0.5)
+    assert sum(f / m for f, m in zip(fractions, ms)) == pytest.approx(0.5, rel=1e-9)
+    assert kept == pytest.approx(
+        sum(f * module.efficiency(m, batch, b) for f, m, b in zip(fractions, ms, b_noise))
+    )
+    # brute force: m_1, m_2 on a grid, m_3 from the step budget; nothing on the grid keeps more data
+    grid = [1 + 0.01 * i for i in range(0, 600)]
+    best = 0.0
+    for m1, m2 in itertools.product(grid[::4], grid[::4]):
+        rest = 0.5 - fractions[0] / m1 - fractions[1] / m2
+        if rest <= 0 or fractions[2] / rest < 1:
+            continue
+        m3 = fractions[2] / rest
+        value = sum(f * module.efficiency(m, batch, b) for f, m, b in zip(fractions, (m1, m2, m3), b_noise))
+        best = max(best, value)
+    assert best <= kept + 1e-9 and kept - best < 2e-3
+    assert module.efficiency(1.0, batch, 10.0) == 1.0 and module.efficiency(2.0, batch, 8.0) == pytest.approx(
+        2 / 3
+    )
+    with pytest.raises(ValueError, match="step_ratio"):
+        module.best_allocation(fractions, b_noise, batch, step_ratio=0.0)
