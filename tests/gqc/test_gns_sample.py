@@ -155,6 +155,15 @@ def test_ema_blends_previous_windows_and_survives_state_roundtrip():
     assert other.controller.trace_ema == ctrl.trace_ema and other.controller.signal_ema == ctrl.signal_ema
 
 
+def _assert_estimate_of(opt, per_sample):
+    """The wrapper's tr(Sigma) and |G|^2 equal the closed forms of the explicit (N, P) per-sample gradients."""
+    gbar = per_sample.mean(0)  # (P,)
+    trace = float(((per_sample - gbar) ** 2).sum() / (len(per_sample) - 1))
+    stats = opt.statistics()
+    assert stats["trace_sigma"] == pytest.approx(trace, rel=1e-6)
+    assert stats["signal_sq"] == pytest.approx(float(gbar @ gbar) - trace / len(per_sample), rel=1e-6)
+
+
 def test_wrapper_with_per_sample_norms_of_a_real_model_matches_explicit_per_sample_gradients():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1).double()
@@ -171,12 +180,7 @@ def test_wrapper_with_per_sample_norms_of_a_real_model_matches_explicit_per_samp
         window.append(per_sample)
         torch.nn.functional.mse_loss(model(x), y).backward()  # microbatch mean loss
         opt.step(sample_sq_norms=per_sample.pow(2).sum(1))
-        full = torch.cat(window)
-        gbar = full.mean(0)
-        trace = float(((full - gbar) ** 2).sum() / (len(full) - 1))
-        stats = opt.statistics()
-        assert stats["trace_sigma"] == pytest.approx(trace, rel=1e-6)
-        assert stats["signal_sq"] == pytest.approx(float(gbar @ gbar) - trace / len(full), rel=1e-6)
+        _assert_estimate_of(opt, torch.cat(window))
     assert opt.last_decision.reason == "cap"
 
 
@@ -202,12 +206,7 @@ def test_wrapper_with_norms_of_a_parameter_subset_takes_the_window_norm_over_tha
         window.append(torch.stack(rows))  # (B, P_subset)
         torch.nn.functional.mse_loss(model(x), y).backward()  # microbatch mean loss, every parameter
         opt.step(sample_sq_norms=window[-1].pow(2).sum(1))
-        full = torch.cat(window)
-        gbar = full.mean(0)
-        trace = float(((full - gbar) ** 2).sum() / (len(full) - 1))
-        stats = opt.statistics()
-        assert stats["trace_sigma"] == pytest.approx(trace, rel=1e-6)
-        assert stats["signal_sq"] == pytest.approx(float(gbar @ gbar) - trace / len(full), rel=1e-6)
+        _assert_estimate_of(opt, torch.cat(window))
 
 
 def test_wrapper_refuses_a_bad_sample_norm_subset():
