@@ -72,18 +72,10 @@ def _counts(trainer, inputs: dict[str, Any]) -> tuple[torch.Tensor | float, torc
     if "shift_labels" in inputs:
         labels = inputs["shift_labels"]
     elif "labels" in inputs:
-        labels = inputs["labels"][..., 1:] if _shifts_labels(trainer) else inputs["labels"]
+        labels = inputs["labels"][..., 1:] if trainer_shifts_labels(trainer) else inputs["labels"]
     else:
         return samples, tokens, samples  # no labels: one item per sample
     return labels.ne(-100).sum(), tokens, samples
-
-
-def _shifts_labels(trainer) -> bool:
-    """Whether the loss predicts ``labels[..., 1:]`` (causal LM), so position 0 is not an item.
-
-    The package's one answer (:func:`hf_gradext.integrations.loss.shifts_labels`), cached per trainer.
-    """
-    return trainer_shifts_labels(trainer)
 
 
 def _loss_is_sum(trainer) -> bool:
@@ -319,7 +311,7 @@ def _run_epoch(
         if needs_metrics:
             vec[metrics_at + rank] = loss_f / (loss_mult * items_f.clamp_min(1.0)) if sum_loss else loss_f
         if capture is not None:
-            weights = sample_weights(current, _shifts_labels(trainer), sum_loss)  # (B,) or None
+            weights = sample_weights(current, trainer_shifts_labels(trainer), sum_loss)  # (B,) or None
             # Unmeasured: exact count and weights (from the labels), sq_sum 0; the controller imputes it.
             vec[samples_at:subset_at] = (
                 capture.vector(weights) if measured else weight_vector(weights, int(local_samples), device)

@@ -150,21 +150,3 @@ def test_loss_scale_inverts_the_one_mirror_of_hf_scaling(monkeypatch):
     assert torch.allclose(
         scale.sample_scale, torch.tensor([1 / (0.25 * 3), 1 / (0.25 * 1)], dtype=torch.float64)
     )
-
-
-def test_trainer_shifts_labels_asks_once_per_trainer(monkeypatch):
-    from types import SimpleNamespace
-
-    from hf_gradext.grad.observer import trainer_shifts_labels
-    from hf_gradext.integrations import loss as loss_integration
-
-    asked = []
-
-    def recorder(model):
-        asked.append(model)
-        return False
-
-    monkeypatch.setattr(loss_integration, "shifts_labels", recorder)
-    trainer, other = SimpleNamespace(model="m"), SimpleNamespace(model="n")
-    assert [trainer_shifts_labels(t) for t in (trainer, trainer, other, trainer)] == [False] * 4
-    assert asked == ["m", "n"]

@@ -57,7 +57,7 @@ def test_wrappers_are_looked_through():
 def test_gqc_loop_asks_the_one_function(monkeypatch):
     from types import SimpleNamespace
 
-    from hf_gradext.gqc.loop import _shifts_labels
+    from hf_gradext.grad.observer import trainer_shifts_labels  # what the GQC loop and the observer ask
 
     asked = []
 
@@ -67,8 +67,12 @@ def test_gqc_loop_asks_the_one_function(monkeypatch):
 
     monkeypatch.setattr(li, "shifts_labels", recorder)
     model = nn.Linear(2, 2)
-    assert _shifts_labels(SimpleNamespace(model=model)) is True
+    assert trainer_shifts_labels(SimpleNamespace(model=model)) is True
     assert asked == [model]
+    # cached per trainer: asked once for each, however often a microbatch asks
+    trainer, other = SimpleNamespace(model="m"), SimpleNamespace(model="n")
+    assert [trainer_shifts_labels(t) for t in (trainer, trainer, other, trainer)] == [True] * 4
+    assert asked == [model, "m", "n"]
 
 
 # ------------------------------------------------------------------------------------------------- drifts
