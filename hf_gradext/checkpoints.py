@@ -2,9 +2,9 @@
 
 * complete: transformers writes ``trainer_state.json`` last, so a folder without a readable one was cut
   short (a killed run) and is skipped by ``latest``;
-* intact: after each save ``GradExtTrainer`` records the size and checksum (XXH3-128) of every file of the checkpoint in
-  ``hf_gradext_checksums.json`` (:func:`write_manifest`). Before a run resumes, :func:`verify_checkpoint`
-  checks them, so a flipped bit in the weights, the optimizer state or ``gqc_state.json`` is a one-line
+* intact: after each save ``GradExtTrainer`` records the size and checksum (XXH3-128) of every file of
+  the checkpoint in ``hf_gradext_checksums.json`` (:func:`write_manifest`). Before a run resumes,
+  :func:`verify_checkpoint` checks them, so a flipped bit in the weights, the optimizer state or ``gqc_state.json`` is a one-line
   error naming the file, not a run resumed on weights of 5e23. A checkpoint without the record (saved by
   plain transformers or an older hf_gradext) still gets the structural checks: every ``*.json`` parses and
   every ``*.safetensors`` header fits its file (truncation).

@@ -2,7 +2,8 @@
 
 Several shards (or rows reordered by example id) become one raw row-major file ``rows-<key>.bin`` that is
 returned memory-mapped; ``<key>`` hashes the shard names, sizes and mtimes and the row order, so new
-shards (or another order) mean another file. Next to it, ``rows-<key>.json`` records its size and checksum (:mod:`hf_gradext.store.integrity`).
+shards (or another order) mean another file. Next to it, ``rows-<key>.json`` records its size and checksum
+(:mod:`hf_gradext.store.integrity`).
 
 Safety, each point a failure seen before:
 

@@ -3,8 +3,9 @@
 Checksum written by this version: ``"xxh3:<32 hex digits>"``, XXH3-128 of the bytes (the ``xxhash``
 package, which ``datasets`` already installs). One pass at memory speed (26.6 GiB/s on one core of the
 2-core CPU box, 6 MiB hashed in 256 KiB slices, against 4.7 GiB/s for ``zlib.crc32``), with almost no cost
-per call, so a shard writer hashes each slice right after writing it (:func:`new_hasher`). A random change anywhere is missed with probability
-``2**-128``; it guards against damage (disk, transfer, stray writes), not against an adversary.
+per call, so a shard writer hashes each slice right after writing it (:func:`new_hasher`). A random change
+anywhere is missed with probability ``2**-128``; it guards against damage (disk, transfer, stray writes),
+not against an adversary.
 
 Files written by earlier versions still verify, by the prefix of their record (:func:`checksum_matches`):
 ``"fl64:..."`` (a block-wise Fletcher-64 pair over little-endian 64-bit words in 32 KiB blocks,

@@ -10,11 +10,11 @@ Atomicity: each shard is written to a hidden temporary name in the same director
 process or a full disk leaves at worst a stale temporary file, which the next writer removes.
 
 Integrity (format 2): the header also carries ``hf_gradext_format`` (``"2"``), per tensor a checksum of
-its bytes (:mod:`hf_gradext.store.integrity`: XXH3-128; fl64 or CRC-32 in files of earlier versions) with its dtype and shape
-(``hf_gradext_checksums``), and a checksum over the index rows, the metadata and those checksums
-(``hf_gradext_header_crc``). The writer hashes each slice of a tensor right after writing it (one pass
-over bytes still in the cache); :func:`read_shard` verifies every tensor it returns and :func:`read_shard_header` the header,
-so a flipped bit or a truncated file is a one-line error naming the shard, never a number used silently.
+its bytes (:mod:`hf_gradext.store.integrity`: XXH3-128; fl64 or CRC-32 in files of earlier versions)
+with its dtype and shape (``hf_gradext_checksums``), and a checksum over the index rows, the metadata and
+those checksums (``hf_gradext_header_crc``). The writer hashes each slice of a tensor right after writing
+it (one pass over bytes still in the cache); :func:`read_shard` verifies every tensor it returns and
+:func:`read_shard_header` the header, so a flipped bit or a truncated file is a one-line error naming the shard, never a number used silently.
 Shards of format 1 (no ``hf_gradext_format`` key, written before checksums existed) still load; there is
 nothing to verify them against.
 
